@@ -1,0 +1,173 @@
+"""Loading the frozen, shared encoder: any Hugging Face encoder folder (or hub id where reachable)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModel, AutoTokenizer, BatchEncoding, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import utils as hf_utils
+
+from app.errors import AssetError, BackboneError
+from app.spartan.memory import Pooling
+
+log = logging.getLogger(__name__)
+
+# Config fields that define the computation; the rest (paths, versions, dtype hints) varies harmlessly.
+_FINGERPRINT_CONFIG_KEYS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "hidden_act",
+    "vocab_size",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "layer_norm_eps",
+    "n_layers",
+    "dim",
+    "hidden_dim",
+    "n_heads",
+)
+
+
+@dataclass
+class Backbone:
+    """A frozen encoder with its tokenizer and the facts the memories depend on."""
+
+    name: str
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    layers: list[nn.Module]  # the Transformer layers, in order; a memory goes after each
+    pooling: Pooling
+    fingerprint: str
+
+    @property
+    def hidden_size(self) -> int:
+        config = self.model.config
+        return int(getattr(config, "hidden_size", None) or config.dim)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def max_positions(self) -> int:
+        limit = int(getattr(self.model.config, "max_position_embeddings", 512))
+        # RoBERTa-style models reserve padding_idx + 1 positions.
+        return min(
+            limit - 2 if self.model.config.model_type in {"roberta", "xlm-roberta", "mpnet"} else limit, 512
+        )
+
+    def layernorms(self) -> dict[str, nn.LayerNorm]:
+        return {name: m for name, m in self.model.named_modules() if isinstance(m, nn.LayerNorm)}
+
+    def tokenize(self, texts: list[str], pairs: list[str] | None, max_length: int) -> BatchEncoding:
+        """Tokenise single texts or text pairs, padded to the longest in the batch."""
+        return self.tokenizer(
+            texts,
+            pairs,
+            padding=True,
+            truncation="longest_first" if pairs else True,
+            max_length=min(max_length, self.max_positions),
+            return_tensors="pt",
+        )
+
+
+def find_layers(model: nn.Module, num_layers: int) -> list[nn.Module]:
+    """The ModuleList holding the Transformer layers: the shallowest list with one entry per layer.
+
+    Works for BERT/RoBERTa/XLM-R/MPNet (encoder.layer) and DistilBERT (transformer.layer) without
+    naming any of them.
+    """
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
+            kinds = {type(child) for child in module}
+            if len(kinds) == 1:
+                return list(module)
+    raise BackboneError(f"cannot find {num_layers} Transformer layers in {type(model).__name__}")
+
+
+def detect_pooling(folder: Path | None, model_type: str) -> Pooling:
+    """Sentence-transformers models say how they pool; plain encoders use their first token."""
+    if folder is not None:
+        pooling_config = folder / "1_Pooling" / "config.json"
+        if pooling_config.is_file():
+            config = json.loads(pooling_config.read_text())
+            if config.get("pooling_mode_mean_tokens"):
+                return "mean"
+            if config.get("pooling_mode_cls_token"):
+                return "first"
+    return "first"
+
+
+def fingerprint(model: PreTrainedModel) -> str:
+    """A stable sha256 of the architecture-defining config fields and every weight (names, shapes, bytes)."""
+    digest = hashlib.sha256()
+    config = model.config.to_dict()
+    arch = {key: config[key] for key in _FINGERPRINT_CONFIG_KEYS if key in config}
+    digest.update(json.dumps(arch, sort_keys=True).encode())
+    for name, param in sorted(model.named_parameters()):
+        digest.update(f"{name}:{param.dtype}:{tuple(param.shape)}".encode())
+        digest.update(param.detach().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def resolve_backbone_path(name_or_path: str, cache_dir: Path) -> str:
+    """A fetched asset name -> its folder; an existing folder as is; anything else is taken as a hub id."""
+    from app.assets.fetch import BACKBONES, asset_dir  # local: the asset code is only needed here
+
+    if name_or_path in BACKBONES:
+        return str(asset_dir(name_or_path, cache_dir))
+    return name_or_path
+
+
+def load_backbone(name_or_path: str, cache_dir: Path, *, pooling: Pooling | None = None) -> Backbone:
+    """Load, freeze and fingerprint an encoder. Raises BackboneError with a readable reason."""
+    try:
+        source = resolve_backbone_path(name_or_path, cache_dir)
+    except AssetError as err:
+        raise BackboneError(str(err)) from err
+    folder = Path(source) if Path(source).is_dir() else None
+    hf_utils.logging.disable_progress_bar()  # the weight-loading bar is noise in a server log
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModel.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise BackboneError(f"cannot load backbone {name_or_path!r}: {err}") from err
+    model.eval()
+    model.requires_grad_(False)
+    config = model.config
+    num_layers = int(getattr(config, "num_hidden_layers", None) or config.n_layers)
+    backbone = Backbone(
+        name=name_or_path,
+        model=model,
+        tokenizer=tokenizer,
+        layers=find_layers(model, num_layers),
+        pooling=pooling or detect_pooling(folder, config.model_type),
+        fingerprint=fingerprint(model),
+    )
+    log.info(
+        "backbone %s: %s, %d layers, hidden %d, pooling %s, fingerprint %s",
+        name_or_path,
+        config.model_type,
+        backbone.num_layers,
+        backbone.hidden_size,
+        backbone.pooling,
+        backbone.fingerprint[:12],
+    )
+    return backbone
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
+    """[B, S, H] -> [B, H]: masked mean over real tokens, or the first token."""
+    if pooling == "first":
+        return hidden[:, 0]
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)

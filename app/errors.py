@@ -1,0 +1,63 @@
+"""Domain errors. No HTTP here: app/api/errors.py maps each class to a status code in one table."""
+
+from __future__ import annotations
+
+
+class SpartanError(Exception):
+    """Base of every error the project raises on purpose; `str(err)` is safe to show a user."""
+
+
+class AssetError(SpartanError):
+    """An offline asset could not be fetched, extracted or verified."""
+
+
+class DatasetError(SpartanError):
+    """A dataset could not be read or does not have the expected layout."""
+
+
+class BackboneError(SpartanError):
+    """The backbone could not be loaded or is not a supported encoder."""
+
+
+class MemoryInvalid(SpartanError):
+    """A memory file is malformed: not safetensors, truncated, wrong tensors, shapes, dtypes or values."""
+
+
+class BackboneMismatch(MemoryInvalid):
+    """A memory file was trained for another backbone than the one served."""
+
+
+class MemoryConflict(SpartanError):
+    """A write would overwrite a memory without being asked to (or with a stale version)."""
+
+
+class TaskNotFound(SpartanError):
+    """No memory is registered under this task name."""
+
+
+class InvalidTaskName(SpartanError):
+    """A task name is not allowed (empty, too long, or could escape the store)."""
+
+
+class InvalidInput(SpartanError):
+    """A prediction request does not fit the task (e.g. a text pair for a model without pairs)."""
+
+
+class PayloadTooLarge(SpartanError):
+    """An upload is larger than the configured limit."""
+
+
+class Overloaded(SpartanError):
+    """The request queue is full; the client should retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RequestTimeout(SpartanError):
+    """A request waited in the queue or ran longer than its deadline."""
+
+
+class NotReady(SpartanError):
+    """The service has not finished starting, or its batch worker is not alive."""

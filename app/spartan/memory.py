@@ -1,0 +1,126 @@
+"""A task memory: the only trained, per-task part of SPARTAN.
+
+One `MemoryLayer` per Transformer layer (parent keys, child keys, child values), a task head on the
+pooled final state, and optionally the task's own copy of every backbone LayerNorm's weight and bias.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from app.spartan.layer import MemoryOutput, memory_forward
+
+TaskType = Literal["classification", "regression"]
+Pooling = Literal["mean", "first"]
+
+
+@dataclass(frozen=True)
+class MemorySpec:
+    """Everything needed to rebuild a memory's shapes and to use it correctly on its backbone."""
+
+    num_layers: int
+    hidden_size: int
+    num_parents: int = 16
+    num_children: int = 3
+    top_k: int = 8
+    temperature: float = 1.6
+    task_type: TaskType = "classification"
+    labels: tuple[str, ...] = ("negative", "positive")
+    pooling: Pooling = "mean"
+    max_length: int = 128
+    text_pairs: bool = False
+    backbone_id: str = ""
+    backbone_fingerprint: str = ""
+    # Names (in the backbone's module tree) of the LayerNorms this task carries its own affine for.
+    layernorm_names: tuple[str, ...] = ()
+    dropout: float = 0.1
+    training: dict[str, object] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def num_outputs(self) -> int:
+        return 1 if self.task_type == "regression" else len(self.labels)
+
+    @property
+    def num_cells(self) -> int:
+        return self.num_parents * self.num_children
+
+
+def _init_normal(*shape: int) -> nn.Parameter:
+    # N(0, 0.02) as in the reference code: m starts close to 0, so the memory starts near the identity.
+    return nn.Parameter(torch.randn(*shape) * 0.02)
+
+
+class MemoryLayer(nn.Module):
+    """One layer's memory: P [E, H], K [E, C, H], V [E, C, H]. No biases (the reference's were unused)."""
+
+    def __init__(self, hidden: int, num_parents: int, num_children: int, top_k: int, temperature: float):
+        super().__init__()
+        self.parent_keys = _init_normal(num_parents, hidden)
+        self.child_keys = _init_normal(num_parents, num_children, hidden)
+        self.child_values = _init_normal(num_parents, num_children, hidden)
+        self.top_k = top_k
+        self.temperature = temperature
+
+    def forward(self, h: torch.Tensor) -> MemoryOutput:
+        return memory_forward(
+            h, self.parent_keys, self.child_keys, self.child_values, self.top_k, self.temperature
+        )
+
+
+class TaskHead(nn.Module):
+    """dense(H, H) + tanh + dropout + linear(H, outputs), on the pooled final hidden state."""
+
+    def __init__(self, hidden: int, outputs: int, dropout: float):
+        super().__init__()
+        self.dense = nn.Linear(hidden, hidden)
+        self.dropout = nn.Dropout(dropout)
+        self.out = nn.Linear(hidden, outputs)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.out(self.dropout(torch.tanh(self.dense(pooled))))
+
+
+class LayerNormOverride(nn.Module):
+    """A task's own weight and bias for one backbone LayerNorm."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone())
+        self.bias = nn.Parameter(bias.detach().clone())
+
+
+def layernorm_key(module_name: str) -> str:
+    # nn.ModuleDict keys cannot contain dots; module names always do.
+    return module_name.replace(".", "__")
+
+
+class TaskMemory(nn.Module):
+    """The per-task parameters. `spec` says how to use them; `version` is set when loaded from a file."""
+
+    def __init__(self, spec: MemorySpec):
+        super().__init__()
+        self.spec = spec
+        self.layers = nn.ModuleList(
+            MemoryLayer(spec.hidden_size, spec.num_parents, spec.num_children, spec.top_k, spec.temperature)
+            for _ in range(spec.num_layers)
+        )
+        self.head = TaskHead(spec.hidden_size, spec.num_outputs, spec.dropout)
+        self.layernorms = nn.ModuleDict()
+        self.version = ""
+
+    def init_layernorms(self, backbone_layernorms: dict[str, nn.LayerNorm]) -> None:
+        """Start the task's LayerNorm copies from the backbone's own values (training only)."""
+        for name in self.spec.layernorm_names:
+            base = backbone_layernorms[name]
+            self.layernorms[layernorm_key(name)] = LayerNormOverride(base.weight, base.bias)
+
+    def layernorm(self, module_name: str) -> LayerNormOverride | None:
+        override = self.layernorms[key] if (key := layernorm_key(module_name)) in self.layernorms else None
+        return override  # type: ignore[return-value]
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
