@@ -6,12 +6,16 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from app.errors import SpartanError
 from app.settings import Settings
+
+if TYPE_CHECKING:
+    from app.engine.encoder import SpartanEncoder
+    from app.training.datasets import TaskData
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 
@@ -89,7 +93,7 @@ def _load_data(
     label_column: str,
     task_type: str | None,
     seed: int,
-):  # type: ignore[no-untyped-def]
+) -> TaskData:
     from app.training.datasets import load_files, load_glue, load_named
 
     chosen = [x for x in (dataset, train_file, glue) if x is not None]
@@ -112,7 +116,7 @@ def _load_data(
     )
 
 
-def _encoder(settings: Settings):  # type: ignore[no-untyped-def]
+def _encoder(settings: Settings) -> SpartanEncoder:
     import torch
 
     from app.engine.backbone import load_backbone
@@ -235,6 +239,63 @@ def eval_memory(
         return
     typer.echo(json.dumps({"memory": str(memory_file), "split": split, "examples": len(getattr(data, split)),
                            **metrics}, indent=2))  # fmt: skip
+
+
+@cli.command()
+def serve(
+    host: Annotated[
+        str | None, typer.Option(help="Listen address (default $SPARTAN_HOST or 127.0.0.1).")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(min=1, max=65535, help="Port (default $SPARTAN_PORT or 8000).")
+    ] = None,
+    memory_dir: Annotated[
+        Path | None, typer.Option(help="Store of task memories (default $SPARTAN_MEMORY_DIR or memories/).")
+    ] = None,
+    max_batch_size: Annotated[int | None, typer.Option(min=1, help="Most rows per forward pass.")] = None,
+    max_wait_ms: Annotated[
+        float | None, typer.Option(min=0.0, help="Longest wait for a batch to fill.")
+    ] = None,
+    allow_unauthenticated_writes: Annotated[
+        bool | None,
+        typer.Option(
+            "--allow-unauthenticated-writes/--no-allow-unauthenticated-writes",
+            help="Development only: uploads and deletes without an admin key.",
+        ),
+    ] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
+    backbone: BackboneOpt = None,
+    cache_dir: CacheDir = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="torch threads of the forward pass.")] = None,
+) -> None:
+    """Serve task memories over HTTP: one process, one uvicorn worker (the model is process state).
+
+    Every option also reads its SPARTAN_* environment variable; keys are read only from the
+    environment (SPARTAN_ADMIN_API_KEY, SPARTAN_PREDICT_API_KEY), never from flags: flags show in `ps`.
+    """
+    import uvicorn
+
+    from app.main import create_app
+
+    overrides = {
+        "host": host, "port": port, "memory_dir": memory_dir, "max_batch_size": max_batch_size,
+        "max_wait_ms": max_wait_ms, "allow_unauthenticated_writes": allow_unauthenticated_writes,
+        "log_level": log_level, "backbone": backbone, "cache_dir": cache_dir, "torch_threads": threads,
+    }  # fmt: skip
+    try:
+        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
+    except ValueError as err:
+        _fail(err)
+        return
+    logging.getLogger().setLevel(settings.log_level.upper())
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        workers=1,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
+    )
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ from transformers import BatchEncoding
 from app.engine.backbone import Backbone, pool
 from app.spartan.layer import load_balancing_loss
 from app.spartan.memfile import BackboneIdentity
-from app.spartan.memory import TaskMemory
+from app.spartan.memory import LayerNormOverride, TaskMemory
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ class TaskAwareLayerNorm(nn.Module):
         view = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
         return F.layer_norm(x, shape, None, None, eps) * weight.view(view) + bias.view(view)
 
-    def _overrides(self, run: _Pass) -> list[tuple[RowGroup, nn.Module]]:
+    def _overrides(self, run: _Pass) -> list[tuple[RowGroup, LayerNormOverride]]:
         found = []
         for group in run.groups:
             override = group.memory.layernorm(self.name) if group.memory is not None else None
@@ -121,7 +121,8 @@ class SpartanEncoder:
     def base_layernorms(self) -> dict[str, nn.LayerNorm]:
         """The backbone's own LayerNorms by their original module names (to start a task's copies)."""
         model = self.backbone.model
-        return {name: model.get_submodule(name).base for name in self.layernorm_names}
+        wrapped = {name: model.get_submodule(name) for name in self.layernorm_names}
+        return {name: m.base for name, m in wrapped.items() if isinstance(m, TaskAwareLayerNorm)}
 
     def _make_hook(self, index: int):  # type: ignore[no-untyped-def]
         def hook(module: nn.Module, args: object, output: object) -> object:

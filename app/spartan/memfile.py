@@ -114,7 +114,7 @@ def expected_shapes(spec: MemorySpec) -> dict[str, tuple[int, ...]]:
 
 def memory_tensors(memory: TaskMemory) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
-    for index, layer in enumerate(memory.layers):
+    for index, layer in enumerate(memory.memory_layers()):
         tensors[f"layers.{index}.parent_keys"] = layer.parent_keys
         tensors[f"layers.{index}.child_keys"] = layer.child_keys
         tensors[f"layers.{index}.child_values"] = layer.child_values

@@ -118,9 +118,12 @@ class TaskMemory(nn.Module):
             base = backbone_layernorms[name]
             self.layernorms[layernorm_key(name)] = LayerNormOverride(base.weight, base.bias)
 
+    def memory_layers(self) -> list[MemoryLayer]:
+        return [layer for layer in self.layers if isinstance(layer, MemoryLayer)]
+
     def layernorm(self, module_name: str) -> LayerNormOverride | None:
         override = self.layernorms[key] if (key := layernorm_key(module_name)) in self.layernorms else None
-        return override  # type: ignore[return-value]
+        return override if isinstance(override, LayerNormOverride) else None
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -245,6 +245,6 @@ def run_epoch(
         loss.backward()
         optimizer.step()
         scheduler.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
     return EpochRecord(epoch, float(np.mean(losses)), time.perf_counter() - started, len(losses), {})

@@ -1,0 +1,1 @@
+"""Training task memories: datasets and loaders, metrics, the trainer."""

@@ -1,0 +1,213 @@
+"""Memory files: round trip, and a precise error for every way a file can be wrong."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import save as save_safetensors
+
+from app.errors import BackboneMismatch, MemoryInvalid
+from app.spartan.memfile import (
+    BackboneIdentity,
+    load_memory,
+    load_memory_file,
+    memory_tensors,
+    memory_to_bytes,
+    save_memory,
+    spec_metadata,
+)
+from app.spartan.memory import LayerNormOverride, MemorySpec, TaskMemory, layernorm_key
+
+LN_NAMES = ("embeddings.LayerNorm", "encoder.layer.0.output.LayerNorm")
+BACKBONE = BackboneIdentity(
+    fingerprint="f" * 64,
+    num_layers=2,
+    hidden_size=8,
+    name="tiny",
+    layernorm_names=(*LN_NAMES, "other.LayerNorm"),
+)
+
+
+def make_memory(**changes) -> TaskMemory:
+    spec = MemorySpec(
+        num_layers=2,
+        hidden_size=8,
+        num_parents=4,
+        num_children=2,
+        top_k=2,
+        labels=("neg", "pos", "neutral"),
+        backbone_id="tiny",
+        backbone_fingerprint="f" * 64,
+        layernorm_names=LN_NAMES,
+        training={"dataset": "unit"},
+    )
+    memory = TaskMemory(replace(spec, **changes))
+    for name in memory.spec.layernorm_names:
+        memory.layernorms[layernorm_key(name)] = LayerNormOverride(torch.randn(8), torch.randn(8))
+    return memory
+
+
+def rebuild(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    return save_safetensors(tensors, metadata=metadata)
+
+
+def parts(memory: TaskMemory | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    memory = memory or make_memory()
+    return memory_tensors(memory), spec_metadata(memory.spec)
+
+
+def test_round_trip_keeps_every_tensor_and_the_spec(tmp_path):
+    memory = make_memory()
+    version = save_memory(memory, tmp_path / "task.safetensors")
+    loaded = load_memory_file(tmp_path / "task.safetensors", BACKBONE)
+    assert loaded.version == version
+    assert loaded.spec == memory.spec
+    assert loaded.spec.training == {"dataset": "unit"}
+    for name, tensor in memory_tensors(memory).items():
+        assert torch.equal(memory_tensors(loaded)[name], tensor), name
+    assert not any(p.requires_grad for p in loaded.parameters())
+    assert list(tmp_path.iterdir()) == [tmp_path / "task.safetensors"]  # no temp file left behind
+
+
+def test_regression_memory_has_one_output():
+    memory = make_memory(task_type="regression", labels=())
+    loaded = load_memory(memory_to_bytes(memory), BACKBONE)
+    assert loaded.head.out.out_features == 1
+
+
+def expect_invalid(data: bytes, *fragments: str, error: type[Exception] = MemoryInvalid) -> None:
+    with pytest.raises(error) as caught:
+        load_memory(data, BACKBONE)
+    for fragment in fragments:
+        assert fragment in str(caught.value), f"{fragment!r} not in {caught.value!s}"
+
+
+def test_empty_file():
+    expect_invalid(b"", "empty file")
+
+
+def test_random_bytes_are_not_safetensors():
+    expect_invalid(bytes(range(256)) * 4, "not a safetensors")
+
+
+def test_pickle_is_refused_without_unpickling():
+    expect_invalid(pickle.dumps({"layers": [1, 2, 3]}), "pickle")
+
+
+def test_torch_save_zip_is_refused(tmp_path):
+    torch.save({"x": torch.zeros(2)}, tmp_path / "m.pt")
+    expect_invalid((tmp_path / "m.pt").read_bytes(), "pickle")
+
+
+def test_header_shorter_than_declared():
+    expect_invalid(struct.pack("<Q", 500) + b"{}", "truncated", "500")
+
+
+def test_huge_declared_header():
+    expect_invalid(struct.pack("<Q", 1 << 40) + b"{}", "header declares")
+
+
+def test_header_not_json():
+    expect_invalid(struct.pack("<Q", 4) + b"nope", "not valid JSON")
+
+
+def test_truncated_data():
+    data = memory_to_bytes(make_memory())
+    expect_invalid(data[:-100], "truncated")
+
+
+def test_header_offsets_that_lie():
+    tensors, metadata = parts()
+    data = rebuild(tensors, metadata)
+    size = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + size])
+    header["head.out.bias"]["data_offsets"][1] += 4
+    blob = json.dumps(header).encode()
+    expect_invalid(struct.pack("<Q", len(blob)) + blob + data[8 + size :], "head.out.bias", "data_offsets")
+
+
+def test_not_a_spartan_file():
+    expect_invalid(rebuild({"x": torch.zeros(2)}, {"format": "pt"}), "format")
+    expect_invalid(rebuild({"x": torch.zeros(2)}, {}), "format=None")
+
+
+def test_unsupported_format_version():
+    tensors, metadata = parts()
+    expect_invalid(rebuild(tensors, {**metadata, "format_version": "99"}), "unsupported format version '99'")
+
+
+def test_missing_metadata_field():
+    tensors, metadata = parts()
+    del metadata["top_k"]
+    expect_invalid(rebuild(tensors, metadata), "metadata lacks top_k")
+
+
+def test_bad_metadata_values():
+    tensors, metadata = parts()
+    expect_invalid(rebuild(tensors, {**metadata, "top_k": "9"}), "top_k=9 is out of range")
+    expect_invalid(rebuild(tensors, {**metadata, "num_layers": "two"}), "num_layers='two' is not an integer")
+    expect_invalid(rebuild(tensors, {**metadata, "temperature": "nan"}), "temperature")
+    expect_invalid(rebuild(tensors, {**metadata, "labels": "[1, 2]"}), "labels")
+    expect_invalid(rebuild(tensors, {**metadata, "pooling": "max"}), "pooling='max'")
+
+
+def test_missing_tensor():
+    tensors, metadata = parts()
+    del tensors["layers.1.child_values"]
+    expect_invalid(rebuild(tensors, metadata), "missing tensors: layers.1.child_values")
+
+
+def test_extra_tensor():
+    tensors, metadata = parts()
+    tensors["layers.2.parent_keys"] = torch.zeros(4, 8)
+    expect_invalid(rebuild(tensors, metadata), "unexpected tensors: layers.2.parent_keys")
+
+
+def test_wrong_shape_says_expected_and_found():
+    tensors, metadata = parts()
+    tensors["layers.0.child_keys"] = torch.zeros(4, 2, 7)
+    expect_invalid(
+        rebuild(tensors, metadata), "layers.0.child_keys", "expected shape [4, 2, 8]", "found [4, 2, 7]"
+    )
+
+
+def test_head_size_must_match_labels():
+    tensors, metadata = parts()
+    expect_invalid(rebuild(tensors, {**metadata, "labels": '["a", "b"]'}), "head.out", "expected shape [2")
+
+
+def test_wrong_dtype():
+    tensors, metadata = parts()
+    tensors["head.dense.bias"] = tensors["head.dense.bias"].double()
+    expect_invalid(rebuild(tensors, metadata), "head.dense.bias", "expected dtype F32, found F64")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_values(bad):
+    tensors, metadata = parts()
+    tensors["layers.1.parent_keys"][0, 0] = bad
+    expect_invalid(rebuild(tensors, metadata), "layers.1.parent_keys has 1 non-finite")
+
+
+def test_wrong_backbone_fingerprint():
+    memory = make_memory(backbone_fingerprint="0" * 64, backbone_id="other-model")
+    expect_invalid(memory_to_bytes(memory), "other-model", "tiny", error=BackboneMismatch)
+
+
+def test_wrong_backbone_shape():
+    expect_invalid(memory_to_bytes(make_memory(num_layers=3)), "3 layers", error=BackboneMismatch)
+
+
+def test_unknown_layernorm_name():
+    memory = make_memory(layernorm_names=("no.such.LayerNorm",))
+    expect_invalid(memory_to_bytes(memory), "no.such.LayerNorm", error=BackboneMismatch)
+
+
+def test_validation_without_backbone_still_checks_structure():
+    memory = make_memory(backbone_fingerprint="0" * 64)
+    assert load_memory(memory_to_bytes(memory)).spec.backbone_fingerprint == "0" * 64
