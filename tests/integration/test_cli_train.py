@@ -56,7 +56,8 @@ def test_train_writes_memory_and_report_and_eval_rescores_it(runner, tmp_path, c
     assert "best epoch" in output
     report = json.loads((tmp_path / "toy.json").read_text())
     assert report["train_examples"] == 48
-    assert len(report["epochs"]) == 2 and all(e["seconds"] > 0 for e in report["epochs"])
+    assert len(report["epochs"]) == 2
+    assert all(e["seconds"] > 0 for e in report["epochs"])
     assert report["trainable_parameters"] > 200_000
     assert report["memory_bytes"] == memory_path.stat().st_size
     assert report["test"]["accuracy"] >= 0.9  # the toy task is trivially separable
@@ -113,4 +114,5 @@ def test_eval_reports_a_corrupt_memory_file_cleanly(runner, tmp_path, cache_dir)
         cli, ["eval", str(bad), "--train-file", str(tmp_path / "t.csv"), "--cache-dir", str(cache_dir)]
     )
     assert result.exit_code == 2
-    assert "error:" in result.output and "Traceback" not in result.output
+    assert "error:" in result.output
+    assert "Traceback" not in result.output

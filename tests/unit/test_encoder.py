@@ -141,7 +141,8 @@ def test_training_reaches_only_the_memory(minilm_encoder):
     out = minilm_encoder.forward(
         minilm_encoder.encode(TEXTS, None, 64), [RowGroup(memory, torch.arange(5))], balance=True
     )
-    assert out.outputs[0] is not None and out.balance_loss is not None
+    assert out.outputs[0] is not None
+    assert out.balance_loss is not None
     (out.outputs[0].sum() + out.balance_loss).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in memory.parameters())
     assert all(p.grad is None for p in minilm_encoder.backbone.model.parameters())
@@ -203,7 +204,9 @@ def test_memories_go_after_every_layer_of_every_family(family):
     memory = perturbed_memory(encoder, 9, labels=("x", "y"))
     with torch.inference_mode():
         out = encoder.forward(encoding, [RowGroup(memory, torch.arange(2))], record_routing=True)
-    assert out.routing is not None and len(out.routing[0]) == 3
+    assert out.routing is not None
+    assert len(out.routing[0]) == 3
     assert (out.pooled - bare).abs().max() > 1e-3
-    assert out.outputs[0] is not None and out.outputs[0].shape == (2, 2)
+    assert out.outputs[0] is not None
+    assert out.outputs[0].shape == (2, 2)
     assert len(encoder.layernorm_names) >= 2 * 3
