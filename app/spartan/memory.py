@@ -12,7 +12,13 @@ from typing import Literal
 import torch
 from torch import nn
 
-from app.spartan.layer import MemoryOutput, memory_forward
+from app.spartan.layer import (
+    MemoryOutput,
+    child_major,
+    dense_memory_child_major,
+    memory_forward,
+    uses_dense,
+)
 
 TaskType = Literal["classification", "regression"]
 Pooling = Literal["mean", "first"]
@@ -64,11 +70,41 @@ class MemoryLayer(nn.Module):
         self.child_values = _init_normal(num_parents, num_children, hidden)
         self.top_k = top_k
         self.temperature = temperature
+        self._layout_key: tuple[int, ...] = ()
+        self._layout: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, h: torch.Tensor) -> MemoryOutput:
-        return memory_forward(
-            h, self.parent_keys, self.child_keys, self.child_values, self.top_k, self.temperature
+        num_parents, num_children, _ = self.child_keys.shape
+        # Parameters made under inference_mode have no version counter to validate a cache with.
+        if (
+            torch.is_grad_enabled()
+            or self.child_keys.is_inference()
+            or not uses_dense(num_parents, num_children)
+        ):
+            return memory_forward(
+                h, self.parent_keys, self.child_keys, self.child_values, self.top_k, self.temperature
+            )
+        keys_t, values = self._inference_layout()
+        return dense_memory_child_major(h, self.parent_keys, keys_t, values, num_children, self.top_k)
+
+    def _inference_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The dense path's child-major tensors, rebuilt only when a parameter changed in place.
+
+        Serving calls this once per layer per batch; caching saves three copies per call, which is
+        most of the memory's cost at batch size 1. Tensor versions catch any in-place update.
+        """
+        key = (
+            id(self.child_keys),
+            self.child_keys._version,
+            id(self.child_values),
+            self.child_values._version,
         )
+        if self._layout is None or key != self._layout_key:
+            with torch.no_grad():
+                keys_t, values = child_major(self.child_keys, self.child_values, self.temperature)
+                self._layout = (keys_t.contiguous(), values.contiguous())
+            self._layout_key = key
+        return self._layout
 
 
 class TaskHead(nn.Module):

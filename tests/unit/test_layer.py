@@ -116,3 +116,17 @@ def test_load_balancing_loss_sees_pre_topk_probabilities():
     flat = load_balancing_loss(torch.zeros(2, 4), parents, valid)
     peaked = load_balancing_loss(torch.tensor([[5.0, 5.0, -5.0, -5.0]] * 2), parents, valid)
     assert peaked > flat  # probability mass concentrated on the used parents raises the loss
+
+
+def test_memory_layer_inference_cache_follows_in_place_updates():
+    from app.spartan.memory import MemoryLayer
+
+    layer = MemoryLayer(hidden=10, num_parents=6, num_children=3, top_k=2, temperature=1.6)
+    h = torch.randn(5, 10)
+    with torch.no_grad():
+        cached = layer(h).update  # served path: cached child-major layout
+        layer.child_values.mul_(3.0)  # an in-place update (e.g. a reload) must invalidate the cache
+        after = layer(h).update
+    reference = reference_memory(h, layer.parent_keys, layer.child_keys, layer.child_values, 2, 1.6).detach()
+    torch.testing.assert_close(after, reference, atol=1e-5, rtol=0)
+    torch.testing.assert_close(after, cached * 3.0, atol=1e-5, rtol=0)
