@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 
 # Up to this many cells (E * C) the dense formulation is faster on CPU; above it the gather wins.
-# Measured with benchmarks/bench_memory_layer.py (batch 16 x len 128, H 384, k 8, C 3); see docs/.
-DENSE_MAX_CELLS = 768
+# Measured with benchmarks/bench_memory_layer.py (batch 16 x len 128, H 384, k 8, C 3): dense wins up to
+# ~1,536 cells and ties sparse near 3,072; see docs/BENCHMARKS.md.
+DENSE_MAX_CELLS = 2048
 
 
 class MemoryOutput(NamedTuple):
