@@ -1,0 +1,1 @@
+"""The SPARTAN method itself: the memory layer, task memories and their file format."""
