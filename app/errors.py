@@ -61,3 +61,19 @@ class RequestTimeout(SpartanError):
 
 class NotReady(SpartanError):
     """The service has not finished starting, or its batch worker is not alive."""
+
+
+class TaskUnavailable(SpartanError):
+    """A task is registered but its stored memory file cannot be served (e.g. it fails validation)."""
+
+
+class AuthenticationRequired(SpartanError):
+    """The request lacks a valid Bearer key for this operation."""
+
+
+class WritesDisabled(SpartanError):
+    """No admin key is configured and development writes are off, so uploads and deletes are refused."""
+
+
+class InferenceFailed(SpartanError):
+    """The forward pass of the batch holding this request raised; other batches are unaffected."""

@@ -6,9 +6,10 @@ Deep modules never read the environment: they receive the values they need as ar
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from platformdirs import user_cache_dir
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -36,3 +37,89 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(
         default=None, ge=1, description="torch intra-op threads; unset = torch's default (all cores)."
     )
+
+    # ------------------------------------------------------------------------------------- service
+    host: str = Field(default="127.0.0.1", description="Address `spartan serve` listens on.")
+    port: int = Field(default=8000, ge=1, le=65535, description="Port `spartan serve` listens on.")
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
+        default="info", description="Log level of the service."
+    )
+    admin_api_key: SecretStr | None = Field(
+        default=None,
+        description="Bearer key required to upload and delete task memories. Without it (and without "
+        "allow_unauthenticated_writes) the service refuses every write.",
+    )
+    predict_api_key: SecretStr | None = Field(
+        default=None,
+        description="Bearer key required for predictions and task listings; unset = open. The admin key "
+        "is accepted too.",
+    )
+    allow_unauthenticated_writes: bool = Field(
+        default=False,
+        description="Development only: accept uploads and deletes without an admin key.",
+    )
+    max_batch_size: int = Field(
+        default=32, ge=1, le=4096, description="Most rows (inputs) in one backbone forward pass."
+    )
+    max_wait_ms: float = Field(
+        default=5.0,
+        ge=0.0,
+        le=10_000.0,
+        description="How long the oldest queued request waits for a batch to fill before it runs anyway.",
+    )
+    max_queue_rows: int = Field(
+        default=2048,
+        ge=1,
+        description="Most rows waiting in the queue; a request that does not fit gets 429 with Retry-After.",
+    )
+    request_timeout_s: float = Field(
+        default=30.0, gt=0.0, description="Deadline of a prediction request, queueing included (then 504)."
+    )
+    bucket_overhead_tokens: int = Field(
+        default=64,
+        ge=0,
+        description="Length bucketing: the cost of one extra forward pass, in padded tokens. A batch is "
+        "split by length only where that saves more padding than this (64 measured best for MiniLM on CPU).",
+    )
+    max_inputs_per_request: int = Field(
+        default=64, ge=1, le=4096, description="Most inputs (texts or text pairs) in one predict request."
+    )
+    max_text_chars: int = Field(
+        default=10_000, ge=1, description="Longest text (or each text of a pair), in characters."
+    )
+    max_upload_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1024, description="Largest memory file accepted by upload, in bytes."
+    )
+    max_loaded_memories: int = Field(
+        default=256, ge=1, description="LRU capacity: most task memories resident at once (pinned included)."
+    )
+    max_loaded_bytes: int = Field(
+        default=2 * 1024**3,
+        ge=1,
+        description="LRU capacity: most bytes of task memories resident at once (parameters and the "
+        "copies their layers cache for inference).",
+    )
+    pinned_tasks: list[str] = Field(
+        default_factory=list,
+        description="Tasks loaded at start and never evicted (env: JSON list, e.g. '[\"sentiment\"]').",
+    )
+    store_poll_interval_s: float = Field(
+        default=2.0,
+        ge=0.0,
+        description="How often the memory store is checked for added, changed or removed files; 0 = never.",
+    )
+    metrics_max_task_labels: int = Field(
+        default=100,
+        ge=0,
+        description="Metrics: the first N tasks seen get their own `task` label, later ones share 'other'.",
+    )
+
+    @model_validator(mode="after")
+    def _request_fits_queue(self) -> Settings:
+        # A request larger than the whole queue could never be accepted: every call would be a 429.
+        if self.max_inputs_per_request > self.max_queue_rows:
+            raise ValueError(
+                f"max_inputs_per_request ({self.max_inputs_per_request}) exceeds max_queue_rows "
+                f"({self.max_queue_rows})"
+            )
+        return self

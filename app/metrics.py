@@ -1,0 +1,141 @@
+"""Every Prometheus object of the service, in one per-app CollectorRegistry (tests build several apps).
+
+Names carry the `spartan_` prefix and base units (seconds, bytes). The `task` label is bounded: the
+first `max_task_labels` tasks seen get their own label, every later one shares "other", and requests
+for tasks that do not exist are counted under "unknown" (a client must not be able to grow the label
+set by inventing names).
+"""
+
+from __future__ import annotations
+
+import threading
+from importlib import metadata
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+
+OTHER_TASKS = "other"
+UNKNOWN_TASK = "unknown"
+
+# Latencies of a CPU encoder server: from a millisecond (a cached tiny batch) to tens of seconds.
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+_LOAD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class TaskLabels:
+    """Maps task names to a bounded set of label values (thread-safe)."""
+
+    def __init__(self, max_labels: int) -> None:
+        self._max = max_labels
+        self._known: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, task: str) -> str:
+        if task in self._known:
+            return task
+        with self._lock:
+            if task in self._known:
+                return task
+            if len(self._known) < self._max:
+                self._known.add(task)
+                return task
+        return OTHER_TASKS
+
+
+def package_version() -> str:
+    try:
+        return metadata.version("spartan-serve")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class Metrics:
+    """The service's metrics; every component receives this object instead of global collectors."""
+
+    def __init__(self, max_task_labels: int = 100) -> None:
+        self.registry = CollectorRegistry()
+        self.task_label = TaskLabels(max_task_labels)
+        r = self.registry
+        self.request_duration = Histogram(
+            "spartan_request_duration_seconds",
+            "Prediction request latency, from arrival to response, by task.",
+            ["task"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "spartan_queue_wait_seconds",
+            "Time a prediction request waited in the batch queue, by task.",
+            ["task"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference_duration = Histogram(
+            "spartan_inference_duration_seconds",
+            "Backbone forward time of the batches a request's rows ran in, by task.",
+            ["task"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_duration = Histogram(
+            "spartan_batch_duration_seconds",
+            "Time the worker spent on one batch (tokenising, every forward pass); rate(sum) = worker busy.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "spartan_batch_size", "Rows per backbone forward pass.", buckets=_SIZE_BUCKETS, registry=r
+        )
+        self.batch_tasks = Histogram(
+            "spartan_batch_tasks",
+            "Distinct tasks per backbone forward pass.",
+            buckets=_SIZE_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge("spartan_queue_depth", "Rows waiting in the batch queue.", registry=r)
+        self.requests = Counter(
+            "spartan_requests",
+            "Prediction requests by task and outcome (ok, invalid, not_found, overloaded, timeout, error).",
+            ["task", "outcome"],
+            registry=r,
+        )
+        self.batch_failures = Counter(
+            "spartan_batch_failures", "Forward passes that raised (their requests got a 500).", registry=r
+        )
+        self.memory_loads = Counter(
+            "spartan_memory_loads",
+            "Task memory loads by source (store, upload) and outcome (ok, invalid).",
+            ["source", "outcome"],
+            registry=r,
+        )
+        self.memory_evictions = Counter(
+            "spartan_memory_evictions", "Task memories evicted by the LRU capacity.", registry=r
+        )
+        self.memory_load_seconds = Histogram(
+            "spartan_memory_load_seconds",
+            "Time to read, validate and build one task memory.",
+            buckets=_LOAD_BUCKETS,
+            registry=r,
+        )
+        self.memories_loaded = Gauge("spartan_memories_loaded", "Task memories resident.", registry=r)
+        self.memory_bytes = Gauge(
+            "spartan_memory_bytes",
+            "Bytes of task memories resident (parameters and inference caches).",
+            registry=r,
+        )
+        self.tasks_registered = Gauge(
+            "spartan_tasks_registered",
+            "Tasks known to the registry (resident or only in the store).",
+            registry=r,
+        )
+        self.build_info = Info(
+            "spartan_build", "Version of spartan-serve and the backbone served.", registry=r
+        )
+
+    def set_build_info(self, backbone: str, fingerprint: str) -> None:
+        self.build_info.info(
+            {"version": package_version(), "backbone": backbone, "backbone_fingerprint": fingerprint[:16]}
+        )
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

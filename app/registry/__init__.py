@@ -1,0 +1,1 @@
+"""Task name -> task memory: the store interface, the local-folder store and the registry."""

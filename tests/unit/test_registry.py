@@ -1,0 +1,355 @@
+"""The registry over a local folder: discovery, lazy loading, LRU, pinning, safe swaps, store sync.
+
+Tiny memories (2 layers of width 8) on a made-up backbone identity: no model is needed here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.errors import (
+    BackboneMismatch,
+    InvalidTaskName,
+    MemoryConflict,
+    MemoryInvalid,
+    TaskNotFound,
+    TaskUnavailable,
+)
+from app.metrics import Metrics
+from app.registry.registry import Registry, check_replace, memory_nbytes
+from app.registry.store import LocalFolderStore, validate_task_name
+from app.spartan.memfile import BackboneIdentity, memory_to_bytes
+from app.spartan.memory import MemorySpec, TaskMemory
+
+IDENTITY = BackboneIdentity(fingerprint="tiny-fp", num_layers=2, hidden_size=8, name="tiny")
+
+
+def tiny_memory(
+    seed: int = 0, fingerprint: str = "tiny-fp", labels: tuple[str, ...] = ("no", "yes")
+) -> bytes:
+    torch.manual_seed(seed)
+    spec = MemorySpec(
+        num_layers=2,
+        hidden_size=8,
+        num_parents=4,
+        num_children=2,
+        top_k=2,
+        labels=labels,
+        backbone_id="tiny",
+        backbone_fingerprint=fingerprint,
+    )
+    return memory_to_bytes(TaskMemory(spec))
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write(folder: Path, task: str, data: bytes) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{task}.safetensors"
+    path.write_bytes(data)
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    return tmp_path / "memories"
+
+
+def make_registry(folder: Path, **kwargs) -> Registry:
+    registry = Registry(LocalFolderStore(folder), IDENTITY, metrics=Metrics(), **kwargs)
+    registry.refresh()
+    return registry
+
+
+def loads(registry: Registry, source: str = "store", outcome: str = "ok") -> float:
+    value = registry.metrics.registry.get_sample_value(
+        "spartan_memory_loads_total", {"source": source, "outcome": outcome}
+    )
+    return value or 0.0
+
+
+def test_scan_registers_tasks_without_loading_them(folder: Path) -> None:
+    data = tiny_memory(1)
+    write(folder, "alpha", data)
+    write(folder, "beta", tiny_memory(2, labels=("a", "b", "c")))
+    registry = make_registry(folder)
+    infos = {info.name: info for info in registry.list()}
+    assert set(infos) == {"alpha", "beta"}
+    assert infos["alpha"].status == "on_disk"
+    assert infos["alpha"].version == sha(data)
+    assert infos["alpha"].file_bytes == len(data)
+    assert infos["beta"].labels == ("a", "b", "c")
+    assert registry.loaded_count == 0
+
+
+def test_resolve_loads_once_then_serves_the_resident_memory(folder: Path) -> None:
+    data = tiny_memory(1)
+    write(folder, "alpha", data)
+    registry = make_registry(folder)
+    assert registry.resolve_loaded("alpha") is None
+    memory = registry.resolve("alpha")
+    assert memory.version == sha(data)
+    assert registry.resolve("alpha") is memory
+    assert registry.resolve_loaded("alpha") is memory
+    info = registry.info("alpha")
+    assert info.status == "loaded"
+    assert info.memory_bytes == memory_nbytes(memory) > 0
+    assert info.load_seconds is not None
+    assert loads(registry) == 1
+
+
+def test_concurrent_resolves_of_a_cold_task_load_it_once(folder: Path) -> None:
+    write(folder, "alpha", tiny_memory(1))
+    registry = make_registry(folder)
+    results: list[TaskMemory] = []
+    threads = [threading.Thread(target=lambda: results.append(registry.resolve("alpha"))) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len({id(memory) for memory in results}) == 1
+    assert loads(registry) == 1
+
+
+def test_unknown_task_is_not_found(folder: Path) -> None:
+    registry = make_registry(folder)
+    with pytest.raises(TaskNotFound):
+        registry.resolve("nope")
+    with pytest.raises(TaskNotFound):
+        registry.info("nope")
+    assert registry.list() == []
+
+
+def test_lru_evicts_the_least_recently_used_by_count(folder: Path) -> None:
+    for index, name in enumerate("abc"):
+        write(folder, name, tiny_memory(index))
+    registry = make_registry(folder, max_loaded=2)
+    registry.resolve("a")
+    registry.resolve("b")
+    registry.resolve("a")  # b is now the least recently used
+    registry.resolve("c")
+    assert registry.resolve_loaded("b") is None
+    assert registry.resolve_loaded("a") is not None
+    assert registry.resolve_loaded("c") is not None
+    assert registry.loaded_count == 2
+    assert registry.metrics.registry.get_sample_value("spartan_memory_evictions_total") == 1
+
+
+def test_lru_evicts_by_bytes(folder: Path) -> None:
+    for index, name in enumerate("abc"):
+        write(folder, name, tiny_memory(index))
+    one = memory_nbytes(make_registry(folder).resolve("a"))
+    registry = make_registry(folder, max_loaded_bytes=2 * one)
+    for name in "abc":
+        registry.resolve(name)
+    assert registry.loaded_bytes == 2 * one
+    assert registry.resolve_loaded("a") is None
+
+
+def test_pinned_tasks_are_never_evicted(folder: Path) -> None:
+    for index, name in enumerate("abcd"):
+        write(folder, name, tiny_memory(index))
+    registry = make_registry(folder, max_loaded=2, pinned=["a"])
+    registry.load_pinned()
+    for name in "bcd":
+        registry.resolve(name)
+    assert registry.resolve_loaded("a") is not None
+    assert registry.info("a").pinned
+    assert registry.loaded_count == 2
+
+
+def test_an_evicted_memory_still_serves_the_request_holding_it(folder: Path) -> None:
+    write(folder, "a", tiny_memory(1))
+    write(folder, "b", tiny_memory(2))
+    registry = make_registry(folder, max_loaded=1)
+    held = registry.resolve("a")
+    registry.resolve("b")
+    assert registry.resolve_loaded("a") is None
+    assert held.layers[0].parent_keys.shape == (4, 8)  # still a complete, usable memory
+
+
+def test_put_creates_then_refuses_to_overwrite_silently(folder: Path) -> None:
+    registry = make_registry(folder)
+    first, second = tiny_memory(1), tiny_memory(2)
+    result = registry.put("alpha", first)
+    assert result.created
+    assert result.info.version == sha(first)
+    assert (folder / "alpha.safetensors").read_bytes() == first
+    with pytest.raises(MemoryConflict, match="already exists"):
+        registry.put("alpha", second)
+    with pytest.raises(MemoryConflict, match="If-Match"):
+        registry.put("alpha", second, if_match="0" * 64)
+    assert registry.resolve("alpha").version == sha(first)
+    replaced = registry.put("alpha", second, if_match=sha(first))
+    assert not replaced.created
+    assert registry.resolve("alpha").version == sha(second)
+    assert registry.put("alpha", first, replace=True).info.version == sha(first)
+    assert registry.put("alpha", second, if_match="*").info.version == sha(second)
+
+
+def test_if_match_on_a_new_task_is_a_conflict(folder: Path) -> None:
+    registry = make_registry(folder)
+    with pytest.raises(MemoryConflict, match="does not exist"):
+        registry.put("alpha", tiny_memory(1), if_match="*")
+    assert registry.list() == []
+
+
+def test_put_replaces_a_file_that_appeared_in_the_store_since_the_last_poll(folder: Path) -> None:
+    registry = make_registry(folder)
+    write(folder, "alpha", tiny_memory(1))
+    with pytest.raises(MemoryConflict):
+        registry.put("alpha", tiny_memory(2))
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        (b"not a memory file", MemoryInvalid),
+        (tiny_memory(3)[:100], MemoryInvalid),
+        (tiny_memory(3, fingerprint="other-backbone"), BackboneMismatch),
+    ],
+)
+def test_a_bad_upload_changes_nothing(folder: Path, data: bytes, error: type[Exception]) -> None:
+    good = tiny_memory(1)
+    registry = make_registry(folder)
+    registry.put("alpha", good)
+    with pytest.raises(error):
+        registry.put("alpha", data, replace=True)
+    assert registry.resolve("alpha").version == sha(good)
+    assert (folder / "alpha.safetensors").read_bytes() == good
+    assert sorted(p.name for p in folder.iterdir()) == ["alpha.safetensors"]  # no temp file left
+    assert loads(registry, "upload", "invalid") == 1
+
+
+def test_refresh_picks_up_added_changed_and_removed_files(folder: Path) -> None:
+    write(folder, "alpha", tiny_memory(1))
+    registry = make_registry(folder)
+    resident = registry.resolve("alpha")
+    write(folder, "beta", tiny_memory(2))
+    changed = tiny_memory(3)
+    write(folder, "alpha", changed)
+    registry.refresh()
+    assert {info.name for info in registry.list()} == {"alpha", "beta"}
+    swapped = registry.resolve_loaded("alpha")  # a resident task is swapped at once, not evicted
+    assert swapped is not None
+    assert swapped is not resident
+    assert swapped.version == sha(changed)
+    (folder / "beta.safetensors").unlink()
+    registry.refresh()
+    assert {info.name for info in registry.list()} == {"alpha"}
+
+
+def test_a_bad_file_dropped_in_the_store_leaves_the_old_version_serving(folder: Path) -> None:
+    good = tiny_memory(1)
+    write(folder, "alpha", good)
+    registry = make_registry(folder)
+    registry.resolve("alpha")
+    write(folder, "alpha", b"garbage")
+    registry.refresh()
+    assert registry.resolve("alpha").version == sha(good)
+    info = registry.info("alpha")
+    assert info.status == "loaded"
+    assert info.loaded_version == sha(good)
+    assert info.version == sha(b"garbage")
+    assert info.error is not None
+    assert "safetensors" in info.error
+
+
+def test_a_bad_file_of_a_cold_task_is_unavailable_with_the_reason(folder: Path) -> None:
+    write(folder, "alpha", tiny_memory(1, fingerprint="someone-else"))
+    registry = make_registry(folder)
+    assert registry.info("alpha").status == "invalid"
+    with pytest.raises(TaskUnavailable, match="trained for backbone"):
+        registry.resolve("alpha")
+
+
+def test_a_file_added_after_the_last_poll_is_found_on_request(folder: Path) -> None:
+    registry = make_registry(folder)
+    data = tiny_memory(1)
+    write(folder, "late", data)
+    assert registry.resolve("late").version == sha(data)
+
+
+def test_polling_thread_picks_up_new_files(folder: Path) -> None:
+    folder.mkdir()
+    registry = make_registry(folder)
+    registry.start_polling(0.02)
+    try:
+        write(folder, "alpha", tiny_memory(1))
+        deadline = time.monotonic() + 5
+        while not registry.list() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert [info.name for info in registry.list()] == ["alpha"]
+    finally:
+        registry.stop_polling()
+
+
+def test_delete_removes_the_file_and_frees_the_memory(folder: Path) -> None:
+    registry = make_registry(folder)
+    registry.put("alpha", tiny_memory(1))
+    registry.delete("alpha")
+    assert not (folder / "alpha.safetensors").exists()
+    assert registry.loaded_count == 0
+    assert registry.loaded_bytes == 0
+    with pytest.raises(TaskNotFound):
+        registry.resolve("alpha")
+    with pytest.raises(TaskNotFound):
+        registry.delete("alpha")
+
+
+def test_request_counts_are_kept_per_task(folder: Path) -> None:
+    registry = make_registry(folder)
+    registry.put("alpha", tiny_memory(1))
+    registry.record_request("alpha", "ok")
+    registry.record_request("alpha", "ok")
+    registry.record_request("alpha", "invalid")
+    registry.record_request("ghost", "ok")  # unknown tasks are not tracked
+    assert registry.info("alpha").requests == {"ok": 2, "invalid": 1}
+
+
+@pytest.mark.parametrize(
+    "name", ["", "../etc", "a/b", "a\\b", ".hidden", "-flag", "a.b", "a b", "ü", "x" * 65, "a\x00"]
+)
+def test_task_names_that_could_escape_or_confuse_the_store_are_refused(folder: Path, name: str) -> None:
+    with pytest.raises(InvalidTaskName):
+        validate_task_name(name)
+    with pytest.raises(InvalidTaskName):
+        LocalFolderStore(folder).path(name)
+
+
+def test_store_ignores_temp_and_foreign_files(folder: Path) -> None:
+    write(folder, "alpha", tiny_memory(1))
+    (folder / ".alpha.safetensors.x1y2.tmp").write_bytes(b"partial")
+    (folder / "notes.txt").write_text("hello")
+    (folder / "bad name.safetensors").write_bytes(b"x")
+    (folder / "sub.safetensors").mkdir()
+    assert set(LocalFolderStore(folder).scan()) == {"alpha"}
+
+
+def test_store_write_is_atomic_and_stamps_change(folder: Path) -> None:
+    store = LocalFolderStore(folder)
+    first = store.write("alpha", b"one")
+    second = store.write("alpha", b"two")
+    assert first.stamp != second.stamp
+    data, stored = store.read("alpha")
+    assert data == b"two"
+    assert stored == second
+    assert [p.name for p in folder.iterdir()] == ["alpha.safetensors"]
+
+
+def test_check_replace_rules() -> None:
+    check_replace("t", None, False, None)  # new task
+    check_replace("t", "v1", True, None)
+    check_replace("t", "v1", False, "v1")
+    check_replace("t", "v1", False, "*")
+    with pytest.raises(MemoryConflict):
+        check_replace("t", "v1", False, None)
+    with pytest.raises(MemoryConflict):
+        check_replace("t", "v1", True, "v2")  # an explicit If-Match wins over replace
