@@ -1,0 +1,396 @@
+"""The dynamic batcher: a bounded queue, and one worker thread that runs batches of rows of any tasks.
+
+* Requests arrive from the event loop (`submit`) with their memory already resolved, so a hot swap
+  never changes a request in flight: the rows carry the memory object itself.
+* The worker takes whole requests, oldest first, up to `max_batch_size` rows; it waits at most
+  `max_wait_s` after the oldest request arrived for a batch to fill.
+* Rows of one batch are sorted by token length and cut into forward passes where that saves more
+  padding than a pass costs (`plan_passes`).
+* A failing pass fails only the requests with rows in it; the loop itself catches everything per batch,
+  so it cannot die of a bad batch. A full queue is refused at once (Overloaded -> 429); a request
+  that outlives its deadline gets RequestTimeout; a cancelled request is skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from app.engine.runner import PreparedRow, Row, RowOutput, Runner
+from app.errors import InferenceFailed, NotReady, Overloaded, RequestTimeout
+from app.metrics import Metrics
+from app.spartan.memory import TaskMemory
+
+log = logging.getLogger(__name__)
+
+TextInput = tuple[str, str | None]  # a text, and its pair for pair tasks
+
+# Above this many rows the exact pass planner (quadratic) gives way to fixed-size chunks.
+_EXACT_PLAN_MAX_ROWS = 512
+
+
+@dataclass(frozen=True)
+class RequestResult:
+    """What one request gets back: one RowOutput per input, and the memory that produced them."""
+
+    memory: TaskMemory
+    rows: list[RowOutput]
+    queue_wait_s: float
+    inference_s: float
+
+
+@dataclass(frozen=True)
+class PassRecord:
+    """One backbone forward pass of a batch."""
+
+    rows: int
+    padded_length: int
+    tasks: tuple[str, ...]  # distinct tasks whose rows shared this pass
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    """One batch, as listeners (metrics, tests, benchmarks) see it after it ran."""
+
+    tasks: tuple[str, ...]  # distinct tasks, in order of first appearance
+    versions: tuple[str, ...]  # distinct memory versions
+    requests: int
+    rows: int
+    passes: tuple[PassRecord, ...]
+    seconds: float
+    failed_requests: int
+
+
+@dataclass(eq=False)
+class QueuedRequest:
+    """A request in the queue; its future gets the RequestResult or the error."""
+
+    task: str
+    memory: TaskMemory
+    inputs: Sequence[TextInput]
+    record_routing: bool
+    enqueued_at: float
+    deadline: float
+    future: concurrent.futures.Future[RequestResult] = field(default_factory=concurrent.futures.Future)
+
+    @property
+    def rows(self) -> int:
+        return len(self.inputs)
+
+
+@dataclass
+class _Outcome:
+    """A request's progress through its batch's passes."""
+
+    outputs: list[RowOutput | None]
+    inference_s: float = 0.0
+    error: BaseException | None = None
+
+
+def plan_passes(lengths: Sequence[int], max_rows: int, overhead_tokens: int) -> list[list[int]]:
+    """Split rows into forward passes (lists of row indices) to minimise padded tokens + pass overhead.
+
+    Rows are sorted by length; a pass over sorted rows i..j costs `overhead_tokens + n * longest`.
+    Exact dynamic programming over cut points (O(n * max_rows)); fixed chunks for very large inputs.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    if len(order) > _EXACT_PLAN_MAX_ROWS:
+        return [order[i : i + max_rows] for i in range(0, len(order), max_rows)]
+    sorted_lengths = [lengths[i] for i in order]
+    best = [0.0] + [float("inf")] * len(order)
+    cut = [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):
+        for start in range(max(0, end - max_rows), end):
+            cost = best[start] + overhead_tokens + (end - start) * sorted_lengths[end - 1]
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    passes: list[list[int]] = []
+    end = len(order)
+    while end > 0:
+        passes.append(order[cut[end] : end])
+        end = cut[end]
+    return passes[::-1]
+
+
+class Batcher:
+    """Queue + worker thread. `submit` from the event loop; everything else is thread-safe."""
+
+    def __init__(
+        self,
+        runner: Runner,
+        *,
+        max_batch_size: int = 32,
+        max_wait_s: float = 0.005,
+        max_queue_rows: int = 2048,
+        request_timeout_s: float = 30.0,
+        bucket_overhead_tokens: int = 64,
+        torch_threads: int | None = None,
+        stall_after_s: float = 120.0,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.runner = runner
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.max_queue_rows = max_queue_rows
+        self.request_timeout_s = request_timeout_s
+        self.bucket_overhead_tokens = bucket_overhead_tokens
+        self.torch_threads = torch_threads
+        self.stall_after_s = stall_after_s
+        self.metrics = metrics or Metrics()
+        self._queue: deque[QueuedRequest] = deque()
+        self._queued_rows = 0
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._busy_since: float | None = None  # when the batch in progress started
+        self._batch_seconds = 0.1  # moving average of a batch's duration, for Retry-After
+        self._listeners: list[Callable[[BatchRecord], None]] = []
+
+    # --------------------------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="spartan-batcher", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Finish the batch in progress, fail everything still queued with NotReady, join the worker."""
+        with self._cond:
+            self._stopping = True
+            pending = list(self._queue)
+            self._queue.clear()
+            self._queued_rows = 0
+            self._cond.notify_all()
+        for request in pending:
+            _fail(request, NotReady("the service is shutting down"))
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
+        self.metrics.queue_depth.set(0)
+
+    def health(self) -> str | None:
+        """None if the worker is alive and making progress; otherwise why not."""
+        if self._thread is None or not self._thread.is_alive():
+            return "batch worker is not running"
+        busy_since = self._busy_since
+        if busy_since is not None and time.monotonic() - busy_since > self.stall_after_s:
+            return f"batch worker has been stuck on one batch for over {self.stall_after_s:.0f}s"
+        return None
+
+    def add_listener(self, listener: Callable[[BatchRecord], None]) -> None:
+        """Called in the worker thread after every batch (keep it quick; exceptions are logged)."""
+        self._listeners.append(listener)
+
+    @property
+    def queued_rows(self) -> int:
+        return self._queued_rows
+
+    # --------------------------------------------------------------------------------- submitting
+
+    async def submit(
+        self, task: str, memory: TaskMemory, inputs: Sequence[TextInput], *, record_routing: bool = False
+    ) -> RequestResult:
+        """Queue one request and wait for its result (Overloaded, RequestTimeout, InferenceFailed)."""
+        request = self.enqueue(task, memory, inputs, record_routing=record_routing)
+        try:
+            # Cancelling the wrapper (timeout, client gone) cancels the queued request: it is skipped.
+            return await asyncio.wait_for(asyncio.wrap_future(request.future), self.request_timeout_s)
+        except TimeoutError:
+            raise RequestTimeout(
+                f"no result within {self.request_timeout_s:g}s (queue or inference too slow); retry later"
+            ) from None
+
+    def enqueue(
+        self, task: str, memory: TaskMemory, inputs: Sequence[TextInput], *, record_routing: bool = False
+    ) -> QueuedRequest:
+        now = time.monotonic()
+        request = QueuedRequest(task, memory, inputs, record_routing, now, now + self.request_timeout_s)
+        with self._cond:
+            if self._stopping or self._thread is None:
+                raise NotReady("the batch worker is not running")
+            if self._queued_rows + request.rows > self.max_queue_rows:
+                raise Overloaded(
+                    f"the queue is full ({self._queued_rows} of {self.max_queue_rows} rows waiting)",
+                    retry_after=self._retry_after(),
+                )
+            self._queue.append(request)
+            self._queued_rows += request.rows
+            self._cond.notify()
+        self.metrics.queue_depth.set(self._queued_rows)
+        return request
+
+    def _retry_after(self) -> float:
+        # The time the queue ahead needs to drain, at the recent pace; at least a second.
+        batches = self._queued_rows / self.max_batch_size
+        return max(1.0, batches * self._batch_seconds)
+
+    # --------------------------------------------------------------------------------- the worker
+
+    def _loop(self) -> None:
+        if self.torch_threads:
+            torch.set_num_threads(self.torch_threads)
+        while not self._stopping:
+            # Per batch, not around the loop: whatever one batch does, the next one runs.
+            batch: list[QueuedRequest] = []
+            try:
+                batch = self._take_batch()
+                if batch:
+                    self._busy_since = time.monotonic()
+                    self._run_batch(batch)
+            except Exception:
+                log.exception("batch worker error (the worker goes on)")
+                for request in batch:  # nobody may wait forever for a batch that broke
+                    _fail(request, InferenceFailed("inference failed for the batch holding this request"))
+            finally:
+                self._busy_since = None
+
+    def _take_batch(self) -> list[QueuedRequest]:
+        with self._cond:
+            while not self._queue and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                return []
+            fill_deadline = self._queue[0].enqueued_at + self.max_wait_s
+            while self._queued_rows < self.max_batch_size and not self._stopping:
+                remaining = fill_deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            batch = self._pop_batch()
+        self.metrics.queue_depth.set(self._queued_rows)
+        return batch
+
+    def _pop_batch(self) -> list[QueuedRequest]:
+        """Whole requests from the head, up to max_batch_size rows (a larger first request runs alone)."""
+        batch: list[QueuedRequest] = []
+        rows = 0
+        now = time.monotonic()
+        while self._queue:
+            request = self._queue[0]
+            if batch and rows + request.rows > self.max_batch_size:
+                break
+            self._queue.popleft()
+            self._queued_rows -= request.rows
+            if self._claim(request, now):
+                batch.append(request)
+                rows += request.rows
+        return batch
+
+    @staticmethod
+    def _claim(request: QueuedRequest, now: float) -> bool:
+        """Mark a request running; False for one that was cancelled or is already past its deadline."""
+        if not request.future.set_running_or_notify_cancel():
+            return False
+        if now > request.deadline:
+            request.future.set_exception(RequestTimeout("the request expired in the queue; retry later"))
+            return False
+        return True
+
+    def _run_batch(self, batch: list[QueuedRequest]) -> None:
+        """Run one batch; every request of it gets a result or an exception, whatever happens."""
+        started = time.monotonic()
+        outcomes = [_Outcome([None] * request.rows) for request in batch]
+        passes: list[PassRecord] = []
+        try:
+            self._run_passes(batch, outcomes, passes)
+        except Exception as err:  # preparation failed: the whole batch fails, the loop goes on
+            log.exception("batch of %d requests failed", len(batch))
+            self.metrics.batch_failures.inc()
+            for outcome in outcomes:
+                outcome.error = outcome.error or err
+        finally:
+            self._complete(batch, outcomes, started)
+        seconds = time.monotonic() - started
+        self._batch_seconds = 0.9 * self._batch_seconds + 0.1 * seconds
+        self._publish(batch, outcomes, passes, seconds)
+
+    def _run_passes(
+        self, batch: list[QueuedRequest], outcomes: list[_Outcome], passes: list[PassRecord]
+    ) -> None:
+        owners = [(r, i) for r, request in enumerate(batch) for i in range(request.rows)]
+        rows = [
+            Row(request.memory, text, pair, request.record_routing)
+            for request in batch
+            for text, pair in request.inputs
+        ]
+        prepared = self.runner.prepare(rows)
+        if len(prepared) != len(rows):
+            raise RuntimeError(f"runner prepared {len(prepared)} rows for {len(rows)} inputs")
+        for indices in plan_passes(
+            [p.length for p in prepared], self.max_batch_size, self.bucket_overhead_tokens
+        ):
+            tasks = tuple(dict.fromkeys(batch[owners[i][0]].task for i in indices))
+            passes.append(PassRecord(len(indices), max(prepared[i].length for i in indices), tasks))
+            self._run_pass([prepared[i] for i in indices], [owners[i] for i in indices], outcomes)
+
+    def _run_pass(
+        self, rows: list[PreparedRow], owners: list[tuple[int, int]], outcomes: list[_Outcome]
+    ) -> None:
+        """One forward pass; if it fails, only the requests with rows in it fail."""
+        started = time.monotonic()
+        try:
+            results = self.runner.run(rows)
+            if len(results) != len(rows):
+                raise RuntimeError(f"runner returned {len(results)} outputs for {len(rows)} rows")
+        except Exception as err:
+            log.exception("forward pass of %d rows failed", len(rows))
+            self.metrics.batch_failures.inc()
+            for request_index, _ in owners:
+                outcomes[request_index].error = outcomes[request_index].error or err
+            return
+        seconds = time.monotonic() - started
+        for (request_index, row_index), result in zip(owners, results, strict=True):
+            outcomes[request_index].outputs[row_index] = result
+        for request_index in {r for r, _ in owners}:
+            outcomes[request_index].inference_s += seconds
+
+    def _complete(self, batch: list[QueuedRequest], outcomes: list[_Outcome], started: float) -> None:
+        for request, outcome in zip(batch, outcomes, strict=True):
+            if request.future.done():
+                continue
+            rows = [row for row in outcome.outputs if row is not None]
+            if outcome.error is not None or len(rows) != request.rows:
+                _fail(request, InferenceFailed("inference failed for the batch holding this request"))
+                continue
+            wait = started - request.enqueued_at
+            request.future.set_result(RequestResult(request.memory, rows, wait, outcome.inference_s))
+
+    def _publish(
+        self, batch: list[QueuedRequest], outcomes: list[_Outcome], passes: list[PassRecord], seconds: float
+    ) -> None:
+        tasks = tuple(dict.fromkeys(request.task for request in batch))
+        record = BatchRecord(
+            tasks=tasks,
+            versions=tuple(dict.fromkeys(request.memory.version for request in batch)),
+            requests=len(batch),
+            rows=sum(request.rows for request in batch),
+            passes=tuple(passes),
+            seconds=seconds,
+            failed_requests=sum(1 for outcome in outcomes if outcome.error is not None),
+        )
+        self.metrics.batch_duration.observe(seconds)
+        for forward_pass in passes:
+            self.metrics.batch_size.observe(forward_pass.rows)
+            self.metrics.batch_tasks.observe(len(forward_pass.tasks))
+        for listener in self._listeners:
+            try:
+                listener(record)
+            except Exception:  # a listener is an observer: it never breaks serving
+                log.exception("batch listener failed")
+
+
+def _fail(request: QueuedRequest, error: BaseException) -> None:
+    if request.future.done():
+        return
+    if request.future.running() or request.future.set_running_or_notify_cancel():
+        request.future.set_exception(error)

@@ -1,0 +1,170 @@
+"""Rows of many tasks -> one backbone forward pass: tokenise per task, pad per pass, route per row.
+
+The batcher decides which rows run together; this module makes a pass over any set of rows give each
+row what it would get served alone:
+* each row is tokenised with its own task's settings (its max_length, text pairs or not), and padded
+  only to the longest row of its pass; padding is masked, so it does not change a row's result;
+* each row runs through its own task's memories and head (one RowGroup per memory object: two
+  versions of one task during a hot swap are two groups).
+
+Tokenisation runs only in the batcher's worker thread: a Hugging Face fast tokenizer changes its
+truncation settings per call and must not be called concurrently with different settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from app.engine.encoder import EncoderOutput, RowGroup, SpartanEncoder
+from app.spartan.memory import TaskMemory
+
+# Per layer, (parent index, number of real tokens that chose it), most used first.
+LayerRouting = list[tuple[int, int]]
+
+
+@dataclass(frozen=True, eq=False)
+class Row:
+    """One input of one request, bound to the memory its request resolved when it was submitted."""
+
+    memory: TaskMemory
+    text: str
+    pair: str | None = None
+    record_routing: bool = False
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedRow:
+    """A tokenised row: `length` is its token count after its own task's truncation."""
+
+    row: Row
+    length: int
+    features: dict[str, list[int]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RowOutput:
+    outputs: torch.Tensor  # head outputs [num_outputs]: logits, or the value for regression
+    routing: list[LayerRouting] | None = None
+
+
+class Runner(Protocol):
+    """What the batcher needs from the model side (tests plug in fakes)."""
+
+    def prepare(self, rows: Sequence[Row]) -> list[PreparedRow]: ...
+
+    def run(self, rows: Sequence[PreparedRow]) -> list[RowOutput]: ...
+
+
+class EncoderRunner:
+    """The real runner: the shared SpartanEncoder with every row's own memory."""
+
+    def __init__(self, encoder: SpartanEncoder) -> None:
+        self.encoder = encoder
+        self.tokenizer = encoder.backbone.tokenizer
+        self.pooling = encoder.backbone.pooling
+
+    def prepare(self, rows: Sequence[Row]) -> list[PreparedRow]:
+        """Tokenise without padding, one tokenizer call per (max_length, pairs) setting."""
+        prepared: list[PreparedRow | None] = [None] * len(rows)
+        settings: dict[tuple[int, bool], list[int]] = {}
+        for index, row in enumerate(rows):
+            settings.setdefault((row.memory.spec.max_length, row.memory.spec.text_pairs), []).append(index)
+        for (max_length, pairs), indices in settings.items():
+            for index, features in zip(
+                indices, self._tokenize(rows, indices, max_length, pairs), strict=True
+            ):
+                prepared[index] = PreparedRow(rows[index], len(features["input_ids"]), features)
+        return [p for p in prepared if p is not None]
+
+    def _tokenize(
+        self, rows: Sequence[Row], indices: list[int], max_length: int, pairs: bool
+    ) -> list[dict[str, list[int]]]:
+        # The same arguments as Backbone.tokenize (the training and `spartan eval` path), minus padding;
+        # a pair task given a single text gets "" as its pair, as in training.
+        texts = [rows[i].text for i in indices]
+        second = [rows[i].pair or "" for i in indices] if pairs else None
+        encoded = self.tokenizer(
+            texts,
+            second,
+            padding=False,
+            truncation="longest_first" if second else True,
+            max_length=min(max_length, self.encoder.backbone.max_positions),
+            return_attention_mask=False,
+        )
+        names = [name for name in encoded if name != "attention_mask"]
+        return [{name: list(encoded[name][i]) for name in names} for i in range(len(indices))]
+
+    def run(self, rows: Sequence[PreparedRow]) -> list[RowOutput]:
+        encoding = self._pad(rows)
+        groups, positions = _row_groups(rows)
+        record_routing = any(p.row.record_routing for p in rows)
+        with torch.inference_mode():
+            out = self.encoder.forward(encoding, groups, record_routing=record_routing)
+        results: list[RowOutput | None] = [None] * len(rows)
+        for number, group_positions in enumerate(positions):
+            for local, position in enumerate(group_positions):
+                wants = rows[position].row.record_routing
+                routing = (
+                    self._routing(out, number, local, encoding["attention_mask"][position]) if wants else None
+                )
+                outputs = out.outputs[number]
+                assert outputs is not None  # every group has a memory
+                results[position] = RowOutput(outputs[local].clone(), routing)
+        return [r for r in results if r is not None]
+
+    def _pad(self, rows: Sequence[PreparedRow]) -> dict[str, torch.Tensor]:
+        """Pad to the longest row of this pass, on the tokenizer's own padding side."""
+        width = max(p.length for p in rows)
+        pad_values = {
+            "input_ids": self.tokenizer.pad_token_id or 0,
+            "token_type_ids": self.tokenizer.pad_token_type_id,
+        }
+        left = self.tokenizer.padding_side == "left"
+        batch: dict[str, list[list[int]]] = {name: [] for name in rows[0].features}
+        batch["attention_mask"] = []
+        for p in rows:
+            gap = width - p.length
+            for name, values in p.features.items():
+                filler = [pad_values.get(name, 0)] * gap
+                batch[name].append(filler + values if left else values + filler)
+            mask = [1] * p.length
+            batch["attention_mask"].append([0] * gap + mask if left else mask + [0] * gap)
+        return {name: torch.tensor(values, dtype=torch.long) for name, values in batch.items()}
+
+    def _routing(
+        self, out: EncoderOutput, group: int, local: int, attention_mask: torch.Tensor
+    ) -> list[LayerRouting]:
+        """Per layer, the parents used for the pooled token (first-token pooling), or the parents most
+        used over the row's real tokens, with counts (mean pooling)."""
+        assert out.routing is not None
+        summary: list[LayerRouting] = []
+        for layer_parents in out.routing[group]:
+            parents = layer_parents[local]  # [S, k]
+            if self.pooling == "first":
+                summary.append([(int(p), 1) for p in parents[0]])
+                continue
+            real = parents[attention_mask.bool()].reshape(-1)
+            counts = torch.bincount(real, minlength=1)
+            top_k = parents.shape[-1]
+            ranked = sorted(
+                ((int(c), int(p)) for p, c in enumerate(counts.tolist()) if c > 0),
+                key=lambda x: (-x[0], x[1]),
+            )
+            summary.append([(p, c) for c, p in ranked[:top_k]])
+        return summary
+
+
+def _row_groups(rows: Sequence[PreparedRow]) -> tuple[list[RowGroup], list[list[int]]]:
+    """One RowGroup per memory object (identity, not task name), and each group's row positions."""
+    by_memory: dict[int, list[int]] = {}
+    memories: dict[int, TaskMemory] = {}
+    for position, prepared in enumerate(rows):
+        key = id(prepared.row.memory)
+        memories[key] = prepared.row.memory
+        by_memory.setdefault(key, []).append(position)
+    groups = [RowGroup(memories[key], torch.tensor(positions)) for key, positions in by_memory.items()]
+    return groups, list(by_memory.values())

@@ -1,0 +1,297 @@
+"""The dynamic batcher with a fake runner: batching, mixing tasks, bucketing, overload, timeouts, failures.
+
+The fake runner's output for a row is [number of words, task marker], so every result can be checked
+against the input that produced it, whatever batch and pass it ran in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Sequence
+
+import pytest
+import torch
+
+from app.engine.batcher import Batcher, BatchRecord, plan_passes
+from app.engine.runner import PreparedRow, Row, RowOutput
+from app.errors import InferenceFailed, NotReady, Overloaded, RequestTimeout
+from app.metrics import Metrics
+from app.spartan.memory import MemorySpec, TaskMemory
+
+
+def tiny_task(marker: int) -> TaskMemory:
+    memory = TaskMemory(MemorySpec(num_layers=1, hidden_size=4, num_parents=2, num_children=1, top_k=1))
+    memory.version = f"v{marker}"
+    memory.marker = marker  # type: ignore[attr-defined]  # read back by the fake runner
+    return memory
+
+
+class FakeRunner:
+    """Counts words; raises on a row "boom"; can hold the first pass until `release()`."""
+
+    def __init__(self, delay_s: float = 0.0, hold: bool = False) -> None:
+        self.delay_s = delay_s
+        self.seen: list[list[str]] = []
+        self._gate = threading.Event()
+        self.entered = threading.Event()
+        if not hold:
+            self._gate.set()
+        self.fail_prepare = False
+
+    def release(self) -> None:
+        self._gate.set()
+
+    def prepare(self, rows: Sequence[Row]) -> list[PreparedRow]:
+        if self.fail_prepare:
+            raise RuntimeError("tokenizer exploded")
+        return [PreparedRow(row, len(row.text.split())) for row in rows]
+
+    def run(self, rows: Sequence[PreparedRow]) -> list[RowOutput]:
+        self.entered.set()
+        self._gate.wait(10)
+        self.seen.append([p.row.text for p in rows])
+        if any(p.row.text == "boom" for p in rows):
+            raise RuntimeError("forward exploded")
+        time.sleep(self.delay_s)
+        marker = [float(p.row.memory.marker) for p in rows]  # type: ignore[attr-defined]
+        return [RowOutput(torch.tensor([float(p.length), m])) for p, m in zip(rows, marker, strict=True)]
+
+
+def make_batcher(runner: FakeRunner, **kwargs) -> tuple[Batcher, list[BatchRecord]]:
+    options = {"max_batch_size": 8, "max_wait_s": 0.01, "max_queue_rows": 64, "request_timeout_s": 10.0}
+    batcher = Batcher(runner, metrics=Metrics(), **{**options, **kwargs})
+    records: list[BatchRecord] = []
+    batcher.add_listener(records.append)
+    batcher.start()
+    return batcher, records
+
+
+def inputs(*texts: str) -> list[tuple[str, str | None]]:
+    return [(text, None) for text in texts]
+
+
+def test_rows_of_different_tasks_share_one_forward_pass() -> None:
+    runner = FakeRunner()
+    batcher, records = make_batcher(runner, max_wait_s=0.5)
+    tasks = {name: tiny_task(marker) for marker, name in enumerate(["a", "b", "c"], start=1)}
+
+    async def scenario() -> list:
+        calls = [batcher.submit(name, memory, inputs("one two", "three")) for name, memory in tasks.items()]
+        return await asyncio.gather(*calls)
+
+    try:
+        results = asyncio.run(scenario())
+    finally:
+        batcher.stop()
+    for (name, memory), result in zip(tasks.items(), results, strict=True):
+        assert result.memory is memory, name
+        assert [row.outputs.tolist() for row in result.rows] == [[2.0, memory.marker], [1.0, memory.marker]]  # type: ignore[attr-defined]
+    mixed = [p for record in records for p in record.passes if len(p.tasks) == 3]
+    assert mixed, records
+
+
+def test_results_follow_input_order_after_length_sorting() -> None:
+    runner = FakeRunner()
+    batcher, records = make_batcher(runner, bucket_overhead_tokens=0)
+    texts = ["w " * n for n in (5, 1, 9, 3, 7)]
+
+    async def scenario():
+        return await batcher.submit("a", tiny_task(1), inputs(*texts))
+
+    try:
+        result = asyncio.run(scenario())
+    finally:
+        batcher.stop()
+    assert [int(row.outputs[0]) for row in result.rows] == [5, 1, 9, 3, 7]
+    assert len(records[0].passes) > 1  # no overhead: one pass per length
+
+
+def test_passes_never_exceed_max_batch_size_even_for_one_large_request() -> None:
+    runner = FakeRunner()
+    batcher, records = make_batcher(runner, max_batch_size=4)
+
+    async def scenario():
+        return await batcher.submit("a", tiny_task(1), inputs(*["x y"] * 10))
+
+    try:
+        result = asyncio.run(scenario())
+    finally:
+        batcher.stop()
+    assert len(result.rows) == 10
+    assert all(p.rows <= 4 for record in records for p in record.passes)
+    assert sum(p.rows for record in records for p in record.passes) == 10
+
+
+def test_a_full_queue_is_refused_at_once_with_retry_after() -> None:
+    runner = FakeRunner(hold=True)
+    batcher, _ = make_batcher(runner, max_batch_size=2, max_queue_rows=4, max_wait_s=0.0)
+    memory = tiny_task(1)
+    try:
+        batcher.enqueue("a", memory, inputs("x", "y"))
+        assert runner.entered.wait(5)  # the worker holds the first batch; the queue is empty again
+        batcher.enqueue("a", memory, inputs("x", "y"))
+        batcher.enqueue("a", memory, inputs("x", "y"))
+        with pytest.raises(Overloaded) as refused:
+            batcher.enqueue("a", memory, inputs("x"))
+        assert refused.value.retry_after >= 1
+    finally:
+        runner.release()
+        batcher.stop()
+
+
+def test_a_request_that_waits_too_long_times_out_and_the_worker_goes_on() -> None:
+    runner = FakeRunner(hold=True)
+    batcher, _ = make_batcher(runner, request_timeout_s=0.2)
+    memory = tiny_task(1)
+
+    async def scenario():
+        with pytest.raises(RequestTimeout):
+            await batcher.submit("a", memory, inputs("x"))
+        runner.release()
+        return await batcher.submit("a", memory, inputs("x y"))
+
+    try:
+        result = asyncio.run(scenario())
+        assert batcher.health() is None
+    finally:
+        batcher.stop()
+    assert result.rows[0].outputs[0] == 2
+
+
+def test_a_failing_pass_fails_only_its_own_requests() -> None:
+    runner = FakeRunner(hold=True)
+    # No pass overhead: rows of different lengths run in different passes of the same batch.
+    batcher, records = make_batcher(runner, bucket_overhead_tokens=0, max_wait_s=0.2)
+    memory = tiny_task(1)
+
+    async def scenario():
+        doomed = asyncio.ensure_future(batcher.submit("a", memory, inputs("boom")))
+        fine = asyncio.ensure_future(batcher.submit("a", memory, inputs("one two three")))
+        await asyncio.sleep(0.05)
+        runner.release()
+        with pytest.raises(InferenceFailed):
+            await doomed
+        ok = await fine
+        after = await batcher.submit("a", memory, inputs("still alive"))
+        return ok, after
+
+    try:
+        ok, after = asyncio.run(scenario())
+        assert batcher.health() is None
+    finally:
+        batcher.stop()
+    assert ok.rows[0].outputs[0] == 3
+    assert after.rows[0].outputs[0] == 2
+    assert records[0].failed_requests == 1
+    assert batcher.metrics.registry.get_sample_value("spartan_batch_failures_total") == 1
+
+
+def test_a_failing_batch_preparation_fails_the_batch_not_the_worker() -> None:
+    runner = FakeRunner()
+    batcher, _ = make_batcher(runner)
+    memory = tiny_task(1)
+
+    async def scenario():
+        runner.fail_prepare = True
+        with pytest.raises(InferenceFailed):
+            await batcher.submit("a", memory, inputs("x"))
+        runner.fail_prepare = False
+        return await batcher.submit("a", memory, inputs("x"))
+
+    try:
+        assert asyncio.run(scenario()).rows[0].outputs[0] == 1
+        assert batcher.health() is None
+    finally:
+        batcher.stop()
+
+
+def test_a_cancelled_request_is_skipped() -> None:
+    runner = FakeRunner(hold=True)
+    batcher, _ = make_batcher(runner, max_batch_size=1, max_wait_s=0.0)
+    memory = tiny_task(1)
+    try:
+        batcher.enqueue("a", memory, inputs("first"))
+        assert runner.entered.wait(5)
+        cancelled = batcher.enqueue("a", memory, inputs("cancelled"))
+        kept = batcher.enqueue("a", memory, inputs("kept"))
+        assert cancelled.future.cancel()
+        runner.release()
+        assert kept.future.result(5).rows[0].outputs[0] == 1
+    finally:
+        batcher.stop()
+    assert ["cancelled"] not in runner.seen
+
+
+def test_stop_fails_queued_requests_and_readiness_reports_it() -> None:
+    runner = FakeRunner(hold=True)
+    batcher, _ = make_batcher(runner, max_batch_size=1, max_wait_s=0.0)
+    memory = tiny_task(1)
+    batcher.enqueue("a", memory, inputs("first"))
+    assert runner.entered.wait(5)
+    queued = batcher.enqueue("a", memory, inputs("queued"))
+    threading.Timer(0.1, runner.release).start()
+    batcher.stop()
+    with pytest.raises(NotReady):
+        queued.future.result(5)
+    assert batcher.health() == "batch worker is not running"
+    with pytest.raises(NotReady):
+        batcher.enqueue("a", memory, inputs("late"))
+
+
+def test_a_failing_listener_does_not_break_serving() -> None:
+    runner = FakeRunner()
+    batcher, _ = make_batcher(runner)
+
+    def broken(record: BatchRecord) -> None:
+        raise ValueError("listener bug")
+
+    batcher.add_listener(broken)
+
+    async def scenario():
+        first = await batcher.submit("a", tiny_task(1), inputs("x"))
+        second = await batcher.submit("a", tiny_task(1), inputs("x y"))
+        return first, second
+
+    try:
+        first, second = asyncio.run(scenario())
+    finally:
+        batcher.stop()
+    assert (first.rows[0].outputs[0], second.rows[0].outputs[0]) == (1, 2)
+
+
+def test_the_queue_depth_gauge_follows_the_queue() -> None:
+    runner = FakeRunner(hold=True)
+    batcher, _ = make_batcher(runner, max_batch_size=1, max_wait_s=0.0)
+    memory = tiny_task(1)
+    try:
+        batcher.enqueue("a", memory, inputs("first"))
+        assert runner.entered.wait(5)
+        batcher.enqueue("a", memory, inputs("x", "y", "z"))
+        assert batcher.metrics.registry.get_sample_value("spartan_queue_depth") == 3
+    finally:
+        runner.release()
+        batcher.stop()
+
+
+@pytest.mark.parametrize(
+    ("lengths", "max_rows", "overhead", "expected_passes"),
+    [
+        ([3, 3, 3, 3], 8, 100, 1),
+        ([1] * 8 + [100] * 8, 16, 10, 2),  # splitting saves 792 padded tokens for 10 of overhead
+        ([1] * 8 + [100] * 8, 16, 10_000, 1),  # a pass costs more than the padding it would save
+        ([5] * 10, 4, 0, 3),
+    ],
+)
+def test_plan_passes(lengths: list[int], max_rows: int, overhead: int, expected_passes: int) -> None:
+    passes = plan_passes(lengths, max_rows, overhead)
+    assert len(passes) == expected_passes
+    assert sorted(i for p in passes for i in p) == list(range(len(lengths)))
+    assert all(len(p) <= max_rows for p in passes)
+
+
+def test_plan_passes_for_very_large_inputs_uses_chunks() -> None:
+    passes = plan_passes(list(range(2000, 0, -1)), 64, 10)
+    assert all(len(p) <= 64 for p in passes)
+    assert sorted(i for p in passes for i in p) == list(range(2000))
