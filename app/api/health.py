@@ -1,0 +1,54 @@
+"""Probes and metrics: /healthz (process alive), /readyz (backbone loaded, batch worker alive), /metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from app.api.deps import Services
+from app.api.schemas import Health
+from app.metrics import Metrics
+
+
+async def healthz() -> Health:
+    """Liveness: the process answers. Never touches the model."""
+    return Health(status="alive")
+
+
+async def readyz(request: Request) -> JSONResponse:
+    """Readiness: the backbone is loaded and the batch worker is alive and not stuck."""
+    svc: Services | None = getattr(request.app.state, "services", None)
+    reasons = ["the backbone and registry are not loaded yet"] if svc is None else []
+    if svc is not None and (problem := svc.batcher.health()) is not None:
+        reasons.append(problem)
+    health = Health(status="not_ready", reasons=reasons) if reasons else Health(status="ready")
+    return JSONResponse(health.model_dump(), status_code=503 if reasons else 200)
+
+
+async def metrics(request: Request) -> Response:
+    """Prometheus text exposition of this app's metrics."""
+    registry: Metrics = request.app.state.metrics
+    return Response(registry.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+
+def build_router() -> APIRouter:
+    router = APIRouter(tags=["health"])
+    router.add_api_route("/healthz", healthz, methods=["GET"], response_model=Health, summary="Liveness")
+    router.add_api_route(
+        "/readyz",
+        readyz,
+        methods=["GET"],
+        response_model=Health,
+        responses={503: {"model": Health, "description": "Not ready"}},
+        summary="Readiness",
+    )
+    router.add_api_route(
+        "/metrics",
+        metrics,
+        methods=["GET"],
+        response_class=Response,
+        responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus metrics"}},
+        summary="Prometheus metrics",
+    )
+    return router

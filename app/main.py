@@ -1,0 +1,134 @@
+"""The application factory: `create_app(settings)`; the lifespan builds backbone, registry and batcher.
+
+Nothing is loaded at import. For uvicorn: `uvicorn app.main:create_app --factory` (one worker: the
+model and the registry are process state; several workers would each load their own), or
+`spartan serve`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app.api import health, predict, tasks
+from app.api.deps import Services
+from app.api.errors import install_error_handlers
+from app.api.limits import DeclaredLengthLimit
+from app.engine.backbone import load_backbone
+from app.engine.batcher import Batcher
+from app.engine.encoder import SpartanEncoder
+from app.engine.predictor import InputLimits, Predictor
+from app.engine.runner import EncoderRunner
+from app.metrics import Metrics, package_version
+from app.registry.registry import Registry
+from app.registry.store import LocalFolderStore
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """
+One frozen backbone, many task memories (SPARTAN): each request is routed through its task's memory;
+requests of different tasks share backbone forward passes. Upload memories with
+`PUT /v1/tasks/{task}/memory`; they are validated against the served backbone, stored atomically and
+swapped in without a restart.
+"""
+
+
+def create_app(settings: Settings | None = None, *, encoder: SpartanEncoder | None = None) -> FastAPI:
+    """A new app. `encoder` lets tests share one loaded backbone between apps (it is not closed)."""
+    settings = settings or Settings()
+    metrics = Metrics(settings.metrics_max_task_labels)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        services = await asyncio.to_thread(build_services, settings, metrics, encoder)
+        announce_security(settings)
+        app.state.services = services
+        try:
+            yield
+        finally:
+            app.state.services = None
+            await asyncio.to_thread(shutdown, services, close_encoder=encoder is None)
+
+    app = FastAPI(
+        title="spartan-serve",
+        version=package_version(),
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.services = None
+    install_error_handlers(app)
+    routers = [predict.build_router(settings), tasks.build_router(settings), health.build_router()]
+    for router in routers:
+        app.include_router(router)
+    app.add_middleware(DeclaredLengthLimit, routes=[route for router in routers for route in router.routes])
+    return app
+
+
+def build_services(settings: Settings, metrics: Metrics, encoder: SpartanEncoder | None) -> Services:
+    if encoder is None:
+        encoder = SpartanEncoder(load_backbone(settings.backbone, settings.cache_dir))
+    metrics.set_build_info(encoder.backbone.name, encoder.backbone.fingerprint)
+    registry = Registry(
+        LocalFolderStore(settings.memory_dir),
+        encoder.identity(),
+        max_loaded=settings.max_loaded_memories,
+        max_loaded_bytes=settings.max_loaded_bytes,
+        pinned=settings.pinned_tasks,
+        metrics=metrics,
+    )
+    registry.refresh()
+    registry.load_pinned()
+    batcher = Batcher(
+        EncoderRunner(encoder),
+        max_batch_size=settings.max_batch_size,
+        max_wait_s=settings.max_wait_ms / 1000,
+        max_queue_rows=settings.max_queue_rows,
+        request_timeout_s=settings.request_timeout_s,
+        bucket_overhead_tokens=settings.bucket_overhead_tokens,
+        torch_threads=settings.torch_threads,
+        metrics=metrics,
+    )
+    batcher.start()
+    registry.start_polling(settings.store_poll_interval_s)
+    limits = InputLimits(settings.max_inputs_per_request, settings.max_text_chars)
+    log.info(
+        "serving %d tasks from %s on backbone %s (max batch %d, max wait %.1f ms)",
+        len(registry.list()),
+        registry.store.location,
+        encoder.backbone.name,
+        settings.max_batch_size,
+        settings.max_wait_ms,
+    )
+    return Services(
+        settings, metrics, encoder, registry, batcher, Predictor(registry, batcher, metrics, limits)
+    )
+
+
+def shutdown(services: Services, *, close_encoder: bool) -> None:
+    services.registry.stop_polling()
+    services.batcher.stop()
+    services.predictor.close()
+    if close_encoder:
+        services.encoder.close()
+
+
+def announce_security(settings: Settings) -> None:
+    """Say at start what is protected; never log a key."""
+    if settings.admin_api_key is None and settings.allow_unauthenticated_writes:
+        log.warning(
+            "UNAUTHENTICATED WRITES ARE ON: anyone can upload and delete task memories (development only)"
+        )
+    elif settings.admin_api_key is None:
+        log.warning(
+            "writes are refused: no admin key (set SPARTAN_ADMIN_API_KEY, or "
+            "SPARTAN_ALLOW_UNAUTHENTICATED_WRITES=true for development)"
+        )
+    if settings.predict_api_key is None:
+        log.info("predictions and listings are open (no SPARTAN_PREDICT_API_KEY)")
