@@ -29,7 +29,6 @@ from typing import Any, Literal
 from app.errors import MemoryConflict, MemoryInvalid, TaskNotFound, TaskUnavailable
 from app.metrics import Metrics
 from app.registry.store import MemoryStore, StoredFile, validate_task_name
-from app.spartan.layer import uses_dense
 from app.spartan.memfile import (
     BackboneIdentity,
     check_backbone,
@@ -94,18 +93,9 @@ class _Task:
 
 
 def memory_nbytes(memory: TaskMemory) -> int:
-    """Bytes a memory keeps resident while it serves: its parameters, plus the child-major copy of the
-    child keys and values that each dense-path layer caches at its first inference (see
-    MemoryLayer._inference_layout). Counted up front, so the LRU budget holds before the first request.
-    """
-    parameters = sum(p.numel() * p.element_size() for p in memory.parameters())
-    spec = memory.spec
-    layout_cache = 0
-    if uses_dense(spec.num_parents, spec.num_children):
-        layout_cache = sum(
-            layer.child_keys.nbytes + layer.child_values.nbytes for layer in memory.memory_layers()
-        )
-    return parameters + layout_cache
+    """Bytes a memory keeps resident while it serves, inference caches included. Counted up front,
+    so the LRU budget holds before the first request."""
+    return memory.resident_bytes()
 
 
 @functools.cache

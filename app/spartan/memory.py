@@ -88,23 +88,27 @@ class MemoryLayer(nn.Module):
         return dense_memory_child_major(h, self.parent_keys, keys_t, values, num_children, self.top_k)
 
     def _inference_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The dense path's child-major tensors, rebuilt only when a parameter changed in place.
+        """The dense path's child-major keys (T-scaled) and values, rebuilt only when they change.
 
         Serving calls this once per layer per batch; caching saves three copies per call, which is
         most of the memory's cost at batch size 1. Tensor versions catch any in-place update.
         """
-        key = (
-            id(self.child_keys),
-            self.child_keys._version,
-            id(self.child_values),
-            self.child_values._version,
-        )
+        params = (self.child_keys, self.child_values)
+        key = tuple(part for p in params for part in (id(p), p._version))
         if self._layout is None or key != self._layout_key:
             with torch.no_grad():
                 keys_t, values = child_major(self.child_keys, self.child_values, self.temperature)
                 self._layout = (keys_t.contiguous(), values.contiguous())
             self._layout_key = key
         return self._layout
+
+    def inference_cache_bytes(self) -> int:
+        """Bytes `_inference_layout` keeps once this layer has served (0 on the sparse path)."""
+        num_parents, num_children, hidden = self.child_keys.shape
+        if not uses_dense(num_parents, num_children):
+            return 0
+        cells = num_parents * num_children
+        return 2 * cells * hidden * self.child_keys.element_size()
 
 
 class TaskHead(nn.Module):
@@ -160,6 +164,11 @@ class TaskMemory(nn.Module):
     def layernorm(self, module_name: str) -> LayerNormOverride | None:
         override = self.layernorms[key] if (key := layernorm_key(module_name)) in self.layernorms else None
         return override if isinstance(override, LayerNormOverride) else None
+
+    def resident_bytes(self) -> int:
+        """Bytes this memory keeps while it serves: parameters plus each layer's inference cache."""
+        parameters = sum(p.numel() * p.element_size() for p in self.parameters())
+        return parameters + sum(layer.inference_cache_bytes() for layer in self.memory_layers())
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

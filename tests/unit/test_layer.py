@@ -130,3 +130,16 @@ def test_memory_layer_inference_cache_follows_in_place_updates():
     reference = reference_memory(h, layer.parent_keys, layer.child_keys, layer.child_values, 2, 1.6).detach()
     torch.testing.assert_close(after, reference, atol=1e-5, rtol=0)
     torch.testing.assert_close(after, cached * 3.0, atol=1e-5, rtol=0)
+
+
+def test_memory_layer_inference_cache_follows_parent_key_updates():
+    from app.spartan.memory import MemoryLayer
+
+    layer = MemoryLayer(hidden=10, num_parents=6, num_children=3, top_k=2, temperature=1.6)
+    h = torch.randn(5, 10)
+    with torch.no_grad():
+        layer(h)
+        layer.parent_keys.mul_(-1.0)  # flips which parents win: a stale cache would pick the old ones
+        served = layer(h)
+    reference = reference_memory(h, layer.parent_keys, layer.child_keys, layer.child_values, 2, 1.6).detach()
+    torch.testing.assert_close(served.update, reference, atol=1e-5, rtol=0)
