@@ -94,7 +94,7 @@ def find_layers(model: nn.Module, num_layers: int) -> list[nn.Module]:
     raise BackboneError(f"cannot find {num_layers} Transformer layers in {type(model).__name__}")
 
 
-def detect_pooling(folder: Path | None, model_type: str) -> Pooling:
+def detect_pooling(folder: Path | None) -> Pooling:
     """Sentence-transformers models say how they pool; plain encoders use their first token."""
     if folder is not None:
         pooling_config = folder / "1_Pooling" / "config.json"
@@ -150,7 +150,7 @@ def load_backbone(name_or_path: str, cache_dir: Path, *, pooling: Pooling | None
         model=model,
         tokenizer=tokenizer,
         layers=find_layers(model, num_layers),
-        pooling=pooling or detect_pooling(folder, config.model_type),
+        pooling=pooling or detect_pooling(folder),
         fingerprint=fingerprint(model),
     )
     log.info(

@@ -9,7 +9,7 @@ serves rows of several tasks (the service's mixed batches) and rows without a me
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -124,7 +124,7 @@ class SpartanEncoder:
         wrapped = {name: model.get_submodule(name) for name in self.layernorm_names}
         return {name: m.base for name, m in wrapped.items() if isinstance(m, TaskAwareLayerNorm)}
 
-    def _make_hook(self, index: int):  # type: ignore[no-untyped-def]
+    def _make_hook(self, index: int) -> Callable[[nn.Module, object, object], object]:
         def hook(module: nn.Module, args: object, output: object) -> object:
             run = self._holder.current
             if run is None:

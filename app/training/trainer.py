@@ -110,9 +110,14 @@ def new_memory(encoder: SpartanEncoder, data: TaskData, config: TrainConfig) -> 
     return memory
 
 
-def batches(
+def batch_indices(
     examples: Sequence[Example], size: int, *, shuffle: bool, seed: int = 0
-) -> Iterator[list[Example]]:
+) -> Iterator[list[int]]:
+    """Positions of each batch: shuffled for training, length-sorted for inference.
+
+    Positions, not examples, so results go back to their input row even when one Example object
+    appears twice in the list.
+    """
     order = list(range(len(examples)))
     if shuffle:
         random.Random(seed).shuffle(order)
@@ -120,7 +125,7 @@ def batches(
         # Inference: group similar lengths so little compute goes to padding; results are re-ordered.
         order.sort(key=lambda i: len(examples[i].text) + len(examples[i].text_pair or ""))
     for start in range(0, len(order), size):
-        yield [examples[i] for i in order[start : start + size]]
+        yield order[start : start + size]
 
 
 def forward_examples(
@@ -151,12 +156,11 @@ def predict_outputs(
     """Head outputs (logits, or the value for regression) for every example, in input order."""
     was_training = memory.training
     memory.eval()
-    index = {id(ex): i for i, ex in enumerate(examples)}
     result = torch.empty(len(examples), memory.spec.num_outputs)
     with torch.inference_mode():
-        for chunk in batches(examples, batch_size, shuffle=False):
-            outputs, _ = forward_examples(encoder, memory, chunk)
-            result[[index[id(ex)] for ex in chunk]] = outputs.float()
+        for positions in batch_indices(examples, batch_size, shuffle=False):
+            outputs, _ = forward_examples(encoder, memory, [examples[i] for i in positions])
+            result[positions] = outputs.float()
     memory.train(was_training)
     return result
 
@@ -231,12 +235,13 @@ def run_epoch(
 ) -> EpochRecord:
     memory.train()
     started, losses = time.perf_counter(), []
-    steps = batches(data.train, config.batch_size, shuffle=True, seed=config.seed + epoch)
+    steps = batch_indices(data.train, config.batch_size, shuffle=True, seed=config.seed + epoch)
     total = -(-len(data.train) // config.batch_size)
     bar = tqdm(
         steps, total=total, desc=f"epoch {epoch}/{config.epochs}", disable=not show_progress, leave=False
     )
-    for chunk in bar:
+    for positions in bar:
+        chunk = [data.train[i] for i in positions]
         outputs, balance = forward_examples(encoder, memory, chunk, balance=config.balance_weight > 0)
         loss = task_loss(memory, outputs, data, chunk)
         if balance is not None:
