@@ -35,6 +35,10 @@ class TaskNotFound(SpartanError):
     """No memory is registered under this task name."""
 
 
+class RoutingStatsDisabled(SpartanError):
+    """Routing statistics were asked for, but the service does not collect them (switched off)."""
+
+
 class InvalidTaskName(SpartanError):
     """A task name is not allowed (empty, too long, or could escape the store)."""
 

@@ -22,6 +22,7 @@ from app.engine.backbone import load_backbone
 from app.engine.batcher import Batcher
 from app.engine.encoder import SpartanEncoder
 from app.engine.predictor import InputLimits, Predictor
+from app.engine.routing_tally import RoutingTally
 from app.engine.runner import EncoderRunner
 from app.metrics import Metrics, package_version
 from app.registry.registry import Registry
@@ -83,10 +84,13 @@ def build_services(settings: Settings, metrics: Metrics, encoder: SpartanEncoder
         pinned=settings.pinned_tasks,
         metrics=metrics,
     )
+    routing_tally = RoutingTally() if settings.routing_stats else None
+    if routing_tally is not None:  # before any load, so that every installed memory is announced
+        registry.add_listener(routing_tally.on_memory_change)
     registry.refresh()
     registry.load_pinned()
     batcher = Batcher(
-        EncoderRunner(encoder),
+        EncoderRunner(encoder, routing_tally),
         max_batch_size=settings.max_batch_size,
         max_wait_s=settings.max_wait_ms / 1000,
         max_queue_rows=settings.max_queue_rows,
@@ -106,9 +110,8 @@ def build_services(settings: Settings, metrics: Metrics, encoder: SpartanEncoder
         settings.max_batch_size,
         settings.max_wait_ms,
     )
-    return Services(
-        settings, metrics, encoder, registry, batcher, Predictor(registry, batcher, metrics, limits)
-    )
+    predictor = Predictor(registry, batcher, metrics, limits)
+    return Services(settings, metrics, encoder, registry, batcher, predictor, routing_tally)
 
 
 def shutdown(services: Services, *, close_encoder: bool) -> None:

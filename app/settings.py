@@ -108,6 +108,11 @@ class Settings(BaseSettings):
         ge=0.0,
         description="How often the memory store is checked for added, changed or removed files; 0 = never.",
     )
+    routing_stats: bool = Field(
+        default=True,
+        description="Count, per task, how often each memory parent is chosen per predicted label "
+        "(GET /v1/tasks/{task}/routing); off = no counting, and that endpoint answers 404.",
+    )
     metrics_max_task_labels: int = Field(
         default=100,
         ge=0,

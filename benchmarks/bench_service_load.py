@@ -546,6 +546,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
 def cpu_per_request(run: dict[str, Any], warmup_s: float) -> str:
     """Server / load generator CPU ms per request (CPU covers warm-up + window; so does the count)."""
     answered = run["throughput_rps"] * (warmup_s + run["window_s"])
+    if answered <= 0:  # a contender starved on a busy machine (smoke mode's 1 s window)
+        return "— (no answers)"
     return f"{1000 * run['server_cpu_s'] / answered:.1f} / {1000 * run['loadgen_cpu_s'] / answered:.1f}"
 
 

@@ -16,6 +16,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from app.engine.batcher import Batcher
 from app.engine.encoder import SpartanEncoder
 from app.engine.predictor import Predictor
+from app.engine.routing_tally import RoutingTally
 from app.errors import AuthenticationRequired, MemoryInvalid, NotReady, PayloadTooLarge, WritesDisabled
 from app.metrics import Metrics
 from app.registry.registry import Registry
@@ -36,6 +37,7 @@ class Services:
     registry: Registry
     batcher: Batcher
     predictor: Predictor
+    routing_tally: RoutingTally | None = None  # None: routing statistics are off
 
 
 def services(request: Request) -> Services:

@@ -12,7 +12,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.engine.batcher import TextInput
 from app.engine.predictor import PredictionResult
+from app.engine.routing_tally import RoutingSnapshot
 from app.registry.registry import TaskInfo
+from app.spartan.routing_stats import (
+    label_entropy_bits,
+    mutual_information_ceiling_bits,
+    summarise_layers,
+)
 
 TextPair = Annotated[
     list[str], Field(min_length=2, max_length=2, description="A text pair: [text, second text].")
@@ -187,6 +193,98 @@ class TaskList(BaseModel):
     tasks: list[TaskOut]
     loaded: int = Field(description="Task memories resident.")
     loaded_bytes: int = Field(description="Bytes of task memories resident (parameters and caches).")
+
+
+class RoutingLayerOut(BaseModel):
+    layer: int = Field(description="Transformer layer the memory follows (0 = the first).")
+    counts: dict[str, list[int]] = Field(
+        description="Per predicted label (regression: the one bucket 'all'), how often each parent was "
+        "chosen: list index = parent. Each real token chooses top_k parents per layer."
+    )
+    parent_entropy_bits: float = Field(
+        description="Entropy of parent usage over all choices: log2(num_parents) = perfectly even use."
+    )
+    mutual_information_bits: float = Field(
+        description="I(parent; predicted label) over the choices: 0 = the parents say nothing about "
+        "the label; at most mutual_information_ceiling_bits."
+    )
+
+
+class RoutingOut(BaseModel):
+    """Aggregate routing of one task since its current memory version was installed."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "task": "sentiment",
+                    "version": _SENTIMENT_VERSION,
+                    "task_type": "classification",
+                    "labels": ["negative", "positive"],
+                    "rows": 2,
+                    "tokens": 19,
+                    "num_parents": 16,
+                    "top_k": 8,
+                    "label_entropy_bits": 0.998,
+                    "mutual_information_ceiling_bits": 0.998,
+                    "layers": [
+                        {
+                            "layer": 0,
+                            "counts": {
+                                "negative": [9, 0, 9, 2, 9, 9, 0, 9, 1, 9, 9, 9, 0, 1, 3, 0],
+                                "positive": [10, 2, 10, 0, 9, 10, 1, 10, 0, 10, 10, 10, 1, 0, 7, 0],
+                            },
+                            "parent_entropy_bits": 3.21,
+                            "mutual_information_bits": 0.04,
+                        }
+                    ],
+                }
+            ]
+        }
+    )
+
+    task: str
+    version: str = Field(description="sha256 of the memory version these counts belong to.")
+    task_type: Literal["classification", "regression"]
+    labels: list[str] = Field(description="What the counts are split by: predicted labels, or ['all'].")
+    rows: int = Field(description="Inputs counted since this version was installed.")
+    tokens: int = Field(description="Real (non-padding) tokens of those inputs.")
+    num_parents: int = Field(description="Parents per layer.")
+    top_k: int = Field(description="Parents each token chooses per layer.")
+    label_entropy_bits: float = Field(description="Entropy of the predicted label over the choices.")
+    mutual_information_ceiling_bits: float = Field(
+        description="The most the mutual information can reach: min(label_entropy_bits, "
+        "log2(num_parents / top_k)), since no parent can take more than 1/top_k of a label's choices."
+    )
+    layers: list[RoutingLayerOut]
+
+    @classmethod
+    def of(cls, snapshot: RoutingSnapshot) -> RoutingOut:
+        summaries = summarise_layers(snapshot.counts)
+        label_entropy = label_entropy_bits(snapshot.counts)
+        return cls(
+            task=snapshot.task,
+            version=snapshot.version,
+            task_type=snapshot.task_type,
+            labels=list(snapshot.labels),
+            rows=snapshot.rows,
+            tokens=snapshot.tokens,
+            num_parents=snapshot.num_parents,
+            top_k=snapshot.top_k,
+            label_entropy_bits=label_entropy,
+            mutual_information_ceiling_bits=mutual_information_ceiling_bits(
+                label_entropy, snapshot.num_parents, snapshot.top_k
+            ),
+            layers=[
+                RoutingLayerOut(
+                    layer=index,
+                    counts=dict(zip(snapshot.labels, counts.tolist(), strict=True)),
+                    parent_entropy_bits=summary.parent_entropy_bits,
+                    mutual_information_bits=summary.mutual_information_bits,
+                )
+                for index, (counts, summary) in enumerate(zip(snapshot.counts, summaries, strict=True))
+            ],
+        )
 
 
 class ErrorDetail(BaseModel):

@@ -1,4 +1,4 @@
-"""Task memories as a resource: list, describe, upload (create or replace), delete."""
+"""Task memories as a resource: list, describe, upload (create or replace), delete, routing statistics."""
 
 from __future__ import annotations
 
@@ -16,7 +16,10 @@ from app.api.deps import (
     require_reader,
 )
 from app.api.errors import error_responses
-from app.api.schemas import TaskList, TaskOut
+from app.api.schemas import ErrorBody, RoutingOut, TaskList, TaskOut
+from app.engine.routing_tally import RoutingSnapshot, RoutingTally
+from app.errors import RoutingStatsDisabled, TaskUnavailable
+from app.registry.registry import TaskInfo
 from app.settings import Settings
 
 
@@ -33,6 +36,32 @@ async def list_tasks(svc: ServicesDep) -> TaskList:
 async def get_task(task: TaskName, svc: ServicesDep) -> TaskOut:
     """One task: version, labels, task type, size, whether it is loaded, pinned, request counts."""
     return TaskOut.of(await asyncio.to_thread(svc.registry.info, task))
+
+
+async def get_routing(task: TaskName, svc: ServicesDep) -> RoutingOut:
+    """Per layer, how often each memory parent was chosen by the task's served inputs, split by their
+    predicted label, with the parent-usage entropy and the mutual information between parent and label.
+
+    Counted over every real token of every input served since the task's current memory version was
+    installed; a new version starts from zero, a deleted task's counts are gone.
+    """
+    tally = svc.routing_tally
+    if tally is None:
+        raise RoutingStatsDisabled("routing statistics are switched off (SPARTAN_ROUTING_STATS=false)")
+    info = await asyncio.to_thread(svc.registry.info, task)
+    return RoutingOut.of(current_routing(info, tally))
+
+
+def current_routing(info: TaskInfo, tally: RoutingTally) -> RoutingSnapshot:
+    """The counts of the version that serves the task now: zero if it has not served since it was
+    installed, or if the stored file changed while the task was not resident."""
+    version = info.loaded_version or info.version
+    snapshot = tally.snapshot(info.name)
+    if snapshot is not None and snapshot.version == version:
+        return snapshot
+    if info.spec is None or version is None:
+        raise TaskUnavailable(f"task {info.name!r}: its stored memory file is invalid: {info.error}")
+    return RoutingSnapshot.empty(info.name, version, info.spec)
 
 
 def parse_if_match(value: str | None) -> str | None:
@@ -114,6 +143,18 @@ def build_router(settings: Settings) -> APIRouter:
         dependencies=reader,
         responses=error_responses(401, 404, 422),
         summary="Describe a task",
+    )
+    router.add_api_route(
+        "/{task}/routing",
+        get_routing,
+        methods=["GET"],
+        response_model=RoutingOut,
+        dependencies=reader,
+        responses={
+            **error_responses(401, 422, 503),
+            404: {"model": ErrorBody, "description": "Unknown task, or routing statistics switched off"},
+        },
+        summary="Routing statistics of a task",
     )
     router.add_api_route(
         "/{task}/memory",

@@ -319,7 +319,7 @@ class Batcher:
     ) -> None:
         owners = [(r, i) for r, request in enumerate(batch) for i in range(request.rows)]
         rows = [
-            Row(request.memory, text, pair, request.record_routing)
+            Row(request.memory, text, pair, request.record_routing, request.task)
             for request in batch
             for text, pair in request.inputs
         ]

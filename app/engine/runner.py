@@ -13,6 +13,7 @@ truncation settings per call and must not be called concurrently with different 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -20,7 +21,10 @@ from typing import Protocol
 import torch
 
 from app.engine.encoder import EncoderOutput, RowGroup, SpartanEncoder
+from app.engine.routing_tally import RoutingTally
 from app.spartan.memory import TaskMemory
+
+log = logging.getLogger(__name__)
 
 # Per layer, (parent index, number of real tokens that chose it), most used first.
 LayerRouting = list[tuple[int, int]]
@@ -34,6 +38,7 @@ class Row:
     text: str
     pair: str | None = None
     record_routing: bool = False
+    task: str = ""  # the task the memory serves (routing statistics are kept per task)
 
 
 @dataclass(frozen=True, eq=False)
@@ -60,12 +65,14 @@ class Runner(Protocol):
 
 
 class EncoderRunner:
-    """The real runner: the shared SpartanEncoder with every row's own memory."""
+    """The real runner: the shared SpartanEncoder with every row's own memory; with a `routing_tally`,
+    every pass's parent choices are also counted per task."""
 
-    def __init__(self, encoder: SpartanEncoder) -> None:
+    def __init__(self, encoder: SpartanEncoder, routing_tally: RoutingTally | None = None) -> None:
         self.encoder = encoder
         self.tokenizer = encoder.backbone.tokenizer
         self.pooling = encoder.backbone.pooling
+        self.routing_tally = routing_tally
 
     def prepare(self, rows: Sequence[Row]) -> list[PreparedRow]:
         """Tokenise without padding, one tokenizer call per (max_length, pairs) setting."""
@@ -101,9 +108,12 @@ class EncoderRunner:
     def run(self, rows: Sequence[PreparedRow]) -> list[RowOutput]:
         encoding = self._pad(rows)
         groups, positions = _row_groups(rows)
-        record_routing = any(p.row.record_routing for p in rows)
+        # Recording keeps a view of the parent indices each layer computes anyway: nearly free.
+        record_routing = self.routing_tally is not None or any(p.row.record_routing for p in rows)
         with torch.inference_mode():
             out = self.encoder.forward(encoding, groups, record_routing=record_routing)
+            if self.routing_tally is not None:
+                self._tally_routing(rows, groups, positions, out, encoding["attention_mask"])
         results: list[RowOutput | None] = [None] * len(rows)
         for number, group_positions in enumerate(positions):
             for local, position in enumerate(group_positions):
@@ -115,6 +125,30 @@ class EncoderRunner:
                 assert outputs is not None  # every group has a memory
                 results[position] = RowOutput(outputs[local].clone(), routing)
         return [r for r in results if r is not None]
+
+    def _tally_routing(
+        self,
+        rows: Sequence[PreparedRow],
+        groups: Sequence[RowGroup],
+        positions: Sequence[list[int]],
+        out: EncoderOutput,
+        attention_mask: torch.Tensor,
+    ) -> None:
+        """Add this pass's parent choices to each task's statistics. Statistics are an observer: a
+        failure here is logged and never costs a row its prediction."""
+        assert self.routing_tally is not None
+        try:
+            assert out.routing is not None
+            for number, group in enumerate(groups):
+                outputs = out.outputs[number]
+                assert group.memory is not None  # every group of a served pass has a memory
+                assert outputs is not None
+                # A memory object serves one task (the registry loads one per task).
+                task = rows[positions[number][0]].row.task
+                real_tokens = attention_mask.index_select(0, group.rows)
+                self.routing_tally.add_pass(task, group.memory, out.routing[number], real_tokens, outputs)
+        except Exception:
+            log.exception("routing statistics: counting a forward pass failed (predictions are unaffected)")
 
     def _pad(self, rows: Sequence[PreparedRow]) -> dict[str, torch.Tensor]:
         """Pad to the longest row of this pass, on the tokenizer's own padding side."""

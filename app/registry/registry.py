@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -42,6 +42,9 @@ from app.spartan.memory import MemorySpec, TaskMemory, TaskType
 log = logging.getLogger(__name__)
 
 TaskStatus = Literal["loaded", "on_disk", "invalid"]
+
+# Told (task, memory) when a memory is installed, (task, None) when the task is unregistered.
+MemoryListener = Callable[[str, TaskMemory | None], None]
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,7 @@ class TaskInfo:
     load_seconds: float | None
     error: str | None
     requests: dict[str, int]
+    spec: MemorySpec | None = None  # of the resident memory, else of the stored file (None if unreadable)
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,13 @@ class Registry:
         self._lock = threading.RLock()
         self._poll_stop = threading.Event()
         self._poller: threading.Thread | None = None
+        self._listeners: list[MemoryListener] = []
+
+    def add_listener(self, listener: MemoryListener) -> None:
+        """Called with (task, memory) after a memory is installed (first load, reload after eviction,
+        upload, changed file) and with (task, None) after the task is unregistered (deleted, file gone).
+        It runs in the thread that made the change, with the task's lock held: keep it quick."""
+        self._listeners.append(listener)
 
     # ------------------------------------------------------------------------------------ serving
 
@@ -398,6 +409,14 @@ class Registry:
         self.metrics.memory_loads.labels(source, "ok").inc()
         self.metrics.memory_load_seconds.observe(seconds)
         self._update_gauges()
+        self._notify(state.name, memory)
+
+    def _notify(self, task: str, memory: TaskMemory | None) -> None:
+        for listener in self._listeners:
+            try:
+                listener(task, memory)
+            except Exception:  # a listener is an observer: it never breaks a load or a delete
+                log.exception("registry listener failed for task %s", task)
 
     def _evict_over_capacity(self, keep: str) -> None:
         """Drop least recently used, unpinned memories until both capacities hold (`_lock` held)."""
@@ -429,6 +448,7 @@ class Registry:
             if self._tasks.get(state.name) is state:
                 del self._tasks[state.name]
         self._update_gauges()
+        self._notify(state.name, None)
 
     def _update_gauges(self) -> None:
         with self._lock:
@@ -469,6 +489,7 @@ class Registry:
             load_seconds=state.load_seconds,
             error=facts.error if facts else None,
             requests=dict(state.requests),
+            spec=spec,
         )
 
 

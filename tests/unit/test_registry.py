@@ -304,6 +304,29 @@ def test_delete_removes_the_file_and_frees_the_memory(folder: Path) -> None:
         registry.delete("alpha")
 
 
+def test_listeners_hear_every_install_and_unregister(folder: Path) -> None:
+    heard: list[tuple[str, str | None]] = []
+    registry = make_registry(folder, max_loaded=1)
+    registry.add_listener(lambda task, memory: heard.append((task, memory.version if memory else None)))
+    registry.add_listener(lambda task, memory: 1 / 0)  # a failing listener changes nothing for others
+    v1, v2, other = tiny_memory(1), tiny_memory(2), tiny_memory(3)
+    registry.put("alpha", v1)
+    registry.put("beta", other)  # evicts alpha (capacity 1)
+    registry.resolve("alpha")  # reloaded: announced again, same version
+    registry.put("alpha", v2, replace=True)
+    write(folder, "beta", v1)  # changed by other means while not resident: no install yet
+    registry.refresh()
+    registry.delete("alpha")
+    assert heard == [
+        ("alpha", sha(v1)),
+        ("beta", sha(other)),
+        ("alpha", sha(v1)),
+        ("alpha", sha(v2)),
+        ("alpha", None),
+    ]
+    assert registry.info("beta").spec is not None  # the stored file's spec, for a task not resident
+
+
 def test_request_counts_are_kept_per_task(folder: Path) -> None:
     registry = make_registry(folder)
     registry.put("alpha", tiny_memory(1))
