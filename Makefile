@@ -6,21 +6,33 @@ PY := $(VENV)/bin/python
 SPARTAN := $(VENV)/bin/spartan
 # Re-install only when pyproject.toml changes.
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
+# The peer-comparison environment (transformers 4.57.6 + adapters + PEFT): benchmarks/requirements-peers.txt
+PEERS ?= .venv-peers
+PEERS_STAMP := $(PEERS)/.installed-$(shell cat pyproject.toml benchmarks/requirements-peers.txt | sha256sum | cut -c1-16)
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: setup assets run test lint unit bench help
+.PHONY: setup assets run test lint unit bench peers-env help
 
 help:
 	@echo "make run    set up .venv, fetch the offline assets, serve memories/ on http://$(HOST):$(PORT)"
 	@echo "make test   set up, fetch, lint (ruff, mypy) and run the whole test suite"
 	@echo "make bench  run the benchmarks (results go to docs/)"
+	@echo "make peers-env  the peer-comparison environment ($(PEERS): transformers 4.57.6, adapters, PEFT)"
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	rm -f $(VENV)/.installed-*
 	touch $@
+
+$(PEERS_STAMP): pyproject.toml benchmarks/requirements-peers.txt
+	python3 -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install --quiet --disable-pip-version-check -r benchmarks/requirements-peers.txt -e .
+	rm -f $(PEERS)/.installed-*
+	touch $@
+
+peers-env: $(PEERS_STAMP)
 
 setup: $(STAMP) assets
 
@@ -36,9 +48,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check app tests benchmarks
 	$(VENV)/bin/mypy
 
-test: setup lint
+# The suite also runs the peer benchmarks' smoke modes, which need the peers' environment.
+test: setup peers-env lint
 	$(PY) -m pytest
 
 bench: setup
 	$(PY) benchmarks/bench_memory_layer.py
 	$(PY) benchmarks/bench_encoder_overhead.py
+	$(PY) benchmarks/bench_routing.py

@@ -30,3 +30,16 @@ def minilm_encoder(cache_dir: Path):
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def peers_python(repo_root: Path) -> Path:
+    """The peer-comparison environment's interpreter (transformers 4.57.6, adapters, PEFT).
+
+    `make test` builds it (`make peers-env`); missing is a failure, not a skip, so CI cannot pass
+    without running the peer benchmarks' smoke modes.
+    """
+    python = repo_root / ".venv-peers" / "bin" / "python"
+    if not python.exists():
+        pytest.fail(f"{python} is missing: run `make peers-env` (or `make test`, which builds it)")
+    return python
