@@ -1,0 +1,83 @@
+"""The training-speed benchmark's smoke mode runs in the suite (peers' environment), so it cannot rot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_training_speed_benchmark_smoke(repo_root, tmp_path):
+    python = repo_root / ".venv-peers" / "bin" / "python"
+    if not python.exists():
+        pytest.fail(f"{python} is missing: run `make peers-env` (the peers' libraries: adapters, PEFT)")
+    script = repo_root / "benchmarks" / "bench_training_speed.py"
+    cmd = [str(python), str(script), "--smoke", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=540, check=False, cwd=repo_root)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    assert (tmp_path / "speed_training_smoke.md").read_text().startswith("# Training speed")
+    assert (tmp_path / "speed_training_smoke.png").stat().st_size > 0
+    report = json.loads((tmp_path / "speed_training_smoke.json").read_text())
+    for key in (
+        "date",
+        "command",
+        "environment",
+        "workload",
+        "rounds",
+        "memory_method",
+        "runs",
+        "ratios",
+        "goal",
+    ):
+        assert key in report
+    env = report["environment"]
+    assert env["torch_threads"] == 2
+    assert env["cpu_count"] >= 1
+    assert env["versions"]["torch"]
+    assert env["versions"]["adapters"]
+    assert env["versions"]["peft"]
+    workload = report["workload"]
+    assert (workload["examples"], workload["batch_size"], workload["max_length"]) == (16, 8, 16)
+    assert workload["steps_per_epoch"] == 2
+
+    runs = report["runs"]
+    assert {r["contender"] for r in runs} == {"spartan", "pfeiffer", "lora"}
+    assert {r["backbone"] for r in runs} == {"minilm"}
+    for run in runs:
+        assert run["available"], run
+        assert run["trainable_parameters"] > 0
+        assert run["task_bytes"] > 0
+        assert len(run["rounds"]) == report["rounds"] == 2
+        for record in run["rounds"]:
+            assert len(record["step_ms"]) == workload["steps_per_epoch"]
+            assert all(ms > 0 for ms in record["step_ms"])
+            assert record["epoch_s"] > 0
+        step = run["step_ms"]
+        assert 0 < step["min"] <= step["median"] <= step["max"]
+        assert all(ms > 0 for ms in run["phase_ms"].values())
+        assert [b["rows"] for b in run["batches"]] == [8, 8]
+        memory = run["memory"]
+        assert "error" not in memory, memory
+        assert memory["rss_after_build_mib"] > 0
+        assert memory["maxrss_growth_mib"] >= 0
+        assert memory["optimizer_state_mib"] > 0
+        assert memory["gradient_mib"] > 0
+        assert memory["saved_activations_mib"] > 0
+        if memory["hwm_reset"]:
+            assert memory["peak_mib"] > 0
+    # the same encodings for every contender
+    assert len({json.dumps(r["batches"]) for r in runs}) == 1
+
+    pairs = {(r["contender"], r["reference"]) for r in report["ratios"]}
+    assert {("spartan", "pfeiffer"), ("spartan", "lora"), ("lora", "pfeiffer")} <= pairs
+    for ratio in report["ratios"]:
+        assert len(ratio["per_round"]) == 2
+        assert 0 < ratio["min"] <= ratio["median"] <= ratio["max"]
+    (goal,) = report["goal"]
+    assert goal["adapter"] == "pfeiffer"
+    assert goal["goal"] == 0.75
+    assert isinstance(goal["met"], bool)
