@@ -14,7 +14,16 @@ import pytest
 
 from app.assets.fetch import fetch
 from app.errors import AssetError, DatasetError
-from app.training.datasets import NAMED, Example, TaskData, few_shot, load_files, load_glue, load_named
+from app.training.datasets import (
+    NAMED,
+    Example,
+    TaskData,
+    few_shot,
+    load_files,
+    load_glue,
+    load_named,
+    strip_newsgroup_header,
+)
 
 
 def write(path: Path, text: str) -> Path:
@@ -384,3 +393,28 @@ def test_clinc_pair_stand_in(asset_cache: Path) -> None:
         assert ex.text_pair in intent  # test pairs come from CLINC's test split only
         assert (intent[ex.text] == intent[ex.text_pair]) == (ex.label == "same")
     assert load_named("clinc-pair", asset_cache).test == data.test
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "Newsgroup:sci.cryptdocument_id: 15174From: kadie@cs Subject: Re: x",
+            "From: kadie@cs Subject: Re: x",
+        ),
+        ("Newsgroup: sci.cryptDocument_id: 1From: a", "From: a"),
+        ("Newsgroup:sci.cryptFrom: a", "From: a"),
+        (
+            "From: a ... even have their own newsgroup: alt.x",
+            "From: a ... even have their own newsgroup: alt.x",
+        ),
+    ],
+)
+def test_20ng_header_that_names_the_label_is_removed(text, expected):
+    assert strip_newsgroup_header(Example(text, "sci.crypt")).text == expected
+
+
+def test_20ng_header_naming_another_group_is_kept():
+    # Only the line that gives the answer away is removed; anything else is the post's own text.
+    text = "Newsgroup:sci.spaceFrom: a"
+    assert strip_newsgroup_header(Example(text, "sci.crypt")).text == text
