@@ -66,6 +66,35 @@ def table(records: list[dict[str, Any]]) -> tuple[list[str], dict[str, float | N
     return lines, averages
 
 
+def paired(records: list[dict[str, Any]], ours: str = "spartan") -> list[str]:
+    """SPARTAN minus each peer on the same task and seed (same few-shot draw, same test subset)."""
+    score = {(r["task"], r["seed"], r["method"]): accuracy(r) for r in records if "test" in r}
+    lines = [
+        f"| {ours} minus | task-seed pairs | mean Δ (pts) | std | wins / ties / losses | tasks Δ > 0 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for peer in (m for m in METHOD_ORDER if m != ours):
+        pairs = [
+            (task, score[(task, seed, ours)] - score[(task, seed, peer)])
+            for (task, seed, method) in score
+            if method == peer and (task, seed, ours) in score
+        ]
+        if not pairs:
+            continue
+        deltas = [d for _, d in pairs]
+        per_task: dict[str, list[float]] = defaultdict(list)
+        for task, delta in pairs:
+            per_task[task].append(delta)
+        better = sum(statistics.mean(v) > 0 for v in per_task.values())
+        wins, ties = sum(d > 0 for d in deltas), sum(d == 0 for d in deltas)
+        spread = statistics.stdev(deltas) if len(deltas) > 1 else 0.0
+        lines.append(
+            f"| {peer} | {len(deltas)} | {statistics.mean(deltas):+.2f} | {spread:.2f} | "
+            f"{wins} / {ties} / {len(deltas) - wins - ties} | {better} of {len(per_task)} |"
+        )
+    return lines
+
+
 def sizes(records: list[dict[str, Any]]) -> list[str]:
     seen: dict[str, dict[str, Any]] = {}
     for record in records:
@@ -94,6 +123,8 @@ def write_report(out: Path) -> None:
             rows, averages = table(records)
             plot[f"{backbone} {setting}"] = averages
             lines += [f"## {backbone}, {title}", "", "test accuracy %, mean ± std (seeds)", "", *rows, ""]
+            lines += ["Paired differences (same task, seed, training draw and test subset):", ""]
+            lines += [*paired(records), ""]
         search = read(out / f"accuracy_lrsearch_{backbone}.jsonl")
         if search:
             lines += [
