@@ -231,6 +231,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=[m for m in TRAINABLE_METHODS if m != "ia3"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--shard", type=parse_shard, default=(0, 1))
+    parser.add_argument(
+        "--lrs-from", help="use the learning rates another backbone's lr-search chose (saves a search)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--smoke", action="store_true", help="a few examples of one task, seconds")
@@ -257,7 +260,9 @@ def main() -> None:
         execute(plan, search_path, cache_dir, args.shard)
         print(json.dumps(chosen_lrs(search_path, args.backbone)))
         return
-    lrs = {m: CENTRE_LR[m] for m in args.methods} if args.smoke else chosen_lrs(search_path, args.backbone)
+    lrs_from = args.lrs_from or args.backbone
+    source = results_file("lrsearch", lrs_from, args.out)
+    lrs = {m: CENTRE_LR[m] for m in args.methods} if args.smoke else chosen_lrs(source, lrs_from)
     missing = [m for m in args.methods if m not in lrs]
     if missing:
         parser.error(f"no learning rate chosen yet for {missing}: run the lr-search step first")
