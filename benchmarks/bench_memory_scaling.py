@@ -79,6 +79,7 @@ from app.spartan.layer import (
     uses_dense,
 )
 from app.spartan.memory import MemoryLayer
+from benchmarks.procmem import reset_peak, status_mib
 
 CHILDREN = 4  # C: M = 48 ... 16,384 are both exact (E = 12 ... 4,096)
 TOP_K = 8
@@ -239,27 +240,12 @@ def time_cases(cases: list[Case], rounds: int, seed: int, sample_s: float) -> li
 # --- peak memory ------------------------------------------------------------------------------------
 
 
-def _status_mib(field_name: str) -> float:
-    text = Path("/proc/self/status").read_text()
-    match = re.search(rf"^{field_name}:\s+(\d+) kB", text, re.MULTILINE)
-    return int(match.group(1)) / 1024 if match else float("nan")
-
-
-def reset_peak() -> bool:
-    """Reset this process's RSS high-water mark (VmHWM) to its current RSS; False where unsupported."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return abs(_status_mib("VmHWM") - _status_mib("VmRSS")) < 1.0
-
-
 def peak_growth_mib(call: Callable[[], None], resettable: bool) -> float:
     if resettable:
         reset_peak()
-        before = _status_mib("VmRSS")
+        before = status_mib("VmRSS")
         call()
-        return max(0.0, _status_mib("VmHWM") - before)
+        return max(0.0, status_mib("VmHWM") - before)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     call()
     return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024

@@ -69,6 +69,7 @@ from app.training.datasets import TaskData
 from benchmarks.bench_accuracy import BUDGETS, CENTRE_LR, task_data
 from benchmarks.fit import encode, loss_of, targets
 from benchmarks.peers import BACKBONE_NAMES, Built, MethodUnavailable, TaskModel, build
+from benchmarks.procmem import reset_peak, status_mib
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 CONTENDERS = ("spartan", "pfeiffer", "houlsby", "lora", "head", "full")
@@ -295,21 +296,6 @@ def _unavailable_row(backbone: str, dataset: str, name: str, reason: str) -> dic
 # --- peak memory (a fresh subprocess per contender) -------------------------------------------------------
 
 
-def _status_mib(field_name: str) -> float:
-    text = Path("/proc/self/status").read_text()
-    match = re.search(rf"^{field_name}:\s+(\d+) kB", text, re.MULTILINE)
-    return int(match.group(1)) / 1024 if match else float("nan")
-
-
-def reset_peak() -> bool:
-    """Reset this process's RSS high-water mark (VmHWM) to its current RSS; False where unsupported."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return abs(_status_mib("VmHWM") - _status_mib("VmRSS")) < 1.0
-
-
 def maxrss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
@@ -349,16 +335,16 @@ def memory_of(job: dict[str, Any]) -> dict[str, Any]:
     loss_of(data, contender.model(batches[0].encoding), batches[0].target).backward()
     contender.model.zero_grad(set_to_none=True)
     gc.collect()
-    rss_built = _status_mib("VmRSS")
+    rss_built = status_mib("VmRSS")
     maxrss_built = maxrss_mib()
     resettable = reset_peak()
     train_epoch(contender, batches)
-    hwm = _status_mib("VmHWM") if resettable else float("nan")
+    hwm = status_mib("VmHWM") if resettable else float("nan")
     result = {
         "rss_after_build_mib": rss_built,
         "peak_mib": max(0.0, hwm - rss_built) if resettable else None,
         "maxrss_growth_mib": max(0.0, maxrss_mib() - maxrss_built),
-        "rss_growth_after_epoch_mib": _status_mib("VmRSS") - rss_built,
+        "rss_growth_after_epoch_mib": status_mib("VmRSS") - rss_built,
         "hwm_reset": resettable,
     }
     state = contender.optimizer.state.values()
