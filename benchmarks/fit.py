@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from app.training.datasets import Example, TaskData
 from app.training.metrics import compute_metrics, primary_metric
-from benchmarks.peers import Built, PooledHeadModel, seed_everything
+from app.training.trainer import seed_everything
+from benchmarks.peers import Built, PooledHeadModel
 
 
 @dataclass(frozen=True)

@@ -22,13 +22,11 @@ in the service's. `adapters` does not support MPNet, so pfeiffer/houlsby on MPNe
 from __future__ import annotations
 
 import os
-import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -37,8 +35,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # assets come from packages; never
 from app.engine.backbone import Backbone, load_backbone, pool
 from app.engine.encoder import RowGroup, SpartanEncoder
 from app.spartan.memfile import memory_to_bytes
-from app.spartan.memory import MemorySpec, TaskHead, TaskMemory
+from app.spartan.memory import TaskHead, TaskMemory
 from app.training.datasets import TaskData
+from app.training.trainer import TrainConfig, new_memory, seed_everything
 
 METHODS = ("bare", "head", "spartan", "pfeiffer", "houlsby", "lora", "ia3", "bitfit", "full")
 TRAINABLE_METHODS = tuple(m for m in METHODS if m != "bare")
@@ -169,26 +168,19 @@ def silence_backbone_dropout(model: nn.Module) -> None:
 
 
 def _spartan(backbone: Backbone, num_outputs: int, data: TaskData | None, config: SpartanConfig) -> TaskModel:
+    """A fresh memory exactly as `spartan train` starts one (app.training.trainer.new_memory)."""
     encoder = SpartanEncoder(backbone)
-    labels = data.labels if data is not None else tuple(str(i) for i in range(num_outputs))
-    spec = MemorySpec(
-        num_layers=backbone.num_layers,
-        hidden_size=backbone.hidden_size,
+    if data is None:  # speed benchmarks: only the shape matters, not the labels' names
+        labels = tuple(str(i) for i in range(num_outputs))
+        data = TaskData("untitled", "classification", labels, [], [], [])
+    train = TrainConfig(
         num_parents=config.num_parents,
         num_children=config.num_children,
         top_k=config.top_k,
         temperature=config.temperature,
-        task_type=data.task_type if data is not None else "classification",
-        labels=labels,
-        pooling=backbone.pooling,
-        text_pairs=data.has_pairs if data is not None else False,
-        backbone_id=backbone.name,
-        backbone_fingerprint=backbone.fingerprint,
-        layernorm_names=tuple(encoder.layernorm_names) if config.train_layernorm else (),
+        train_layernorm=config.train_layernorm,
     )
-    memory = TaskMemory(spec)
-    memory.init_layernorms(encoder.base_layernorms())
-    return SpartanModel(encoder, memory)
+    return SpartanModel(encoder, new_memory(encoder, data, train))
 
 
 def _bottleneck_adapter(kind: str) -> Callable[[Backbone], nn.Module]:
@@ -245,15 +237,3 @@ _ADAPT: dict[str, Callable[[Backbone], nn.Module]] = {
     "bitfit": _bitfit,
     "full": _full,
 }
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def texts_of(examples: Sequence[object]) -> tuple[list[str], list[str] | None]:
-    texts = [ex.text for ex in examples]  # type: ignore[attr-defined]
-    pairs = [ex.text_pair or "" for ex in examples]  # type: ignore[attr-defined]
-    return texts, (pairs if any(pairs) else None)
