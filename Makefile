@@ -12,7 +12,7 @@ PEERS_STAMP := $(PEERS)/.installed-$(shell cat pyproject.toml benchmarks/require
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: setup assets run test lint unit bench peers-env help
+.PHONY: setup assets run test lint unit bench peers-env system-deps help
 
 help:
 	@echo "make run    set up .venv, fetch the offline assets, serve memories/ on http://$(HOST):$(PORT)"
@@ -48,8 +48,16 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check app tests benchmarks
 	$(VENV)/bin/mypy
 
+# Real Prometheus (promtool) and nginx for the scale-out tests, from Debian's packages; a no-op when
+# both are there. Needs root or sudo on a machine without them.
+system-deps:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v nginx >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends prometheus nginx-light; }
+
 # The suite also runs the peer benchmarks' smoke modes, which need the peers' environment.
-test: setup peers-env lint
+test: setup peers-env system-deps lint
 	$(PY) -m pytest
 
 bench: setup

@@ -294,7 +294,9 @@ def serve(
         port=settings.port,
         workers=1,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
+        # SIGTERM: stop accepting, let accepted requests finish (the batcher keeps running until the
+        # lifespan ends), then exit; requests still running after this deadline are cancelled.
+        timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout_s)),
     )
 
 

@@ -31,6 +31,14 @@ class MemoryConflict(SpartanError):
     """A write would overwrite a memory without being asked to (or with a stale version)."""
 
 
+class StoreConflict(MemoryConflict):
+    """Another writer (another replica) changed the task in the store between our check and our write."""
+
+
+class StoreUnavailable(SpartanError):
+    """The memory store (an S3 endpoint) cannot be reached or refused the call; retrying may help."""
+
+
 class TaskNotFound(SpartanError):
     """No memory is registered under this task name."""
 

@@ -26,10 +26,13 @@ from app.engine.routing_tally import RoutingTally
 from app.engine.runner import EncoderRunner
 from app.metrics import Metrics, package_version
 from app.registry.registry import Registry
-from app.registry.store import LocalFolderStore
+from app.registry.store import open_store
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# How long a starting replica waits for its memory store (an S3 server starting beside it) to answer.
+STORE_START_TIMEOUT_S = 60.0
 
 DESCRIPTION = """
 One frozen backbone, many task memories (SPARTAN): each request is routed through its task's memory;
@@ -77,7 +80,7 @@ def build_services(settings: Settings, metrics: Metrics, encoder: SpartanEncoder
         encoder = SpartanEncoder(load_backbone(settings.backbone, settings.cache_dir))
     metrics.set_build_info(encoder.backbone.name, encoder.backbone.fingerprint)
     registry = Registry(
-        LocalFolderStore(settings.memory_dir),
+        open_store(settings),
         encoder.identity(),
         max_loaded=settings.max_loaded_memories,
         max_loaded_bytes=settings.max_loaded_bytes,
@@ -87,7 +90,7 @@ def build_services(settings: Settings, metrics: Metrics, encoder: SpartanEncoder
     routing_tally = RoutingTally() if settings.routing_stats else None
     if routing_tally is not None:  # before any load, so that every installed memory is announced
         registry.add_listener(routing_tally.on_memory_change)
-    registry.refresh()
+    registry.refresh_when_reachable(STORE_START_TIMEOUT_S)
     registry.load_pinned()
     batcher = Batcher(
         EncoderRunner(encoder, routing_tally),

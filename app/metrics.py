@@ -93,6 +93,11 @@ class Metrics:
             registry=r,
         )
         self.queue_depth = Gauge("spartan_queue_depth", "Rows waiting in the batch queue.", registry=r)
+        self.queue_capacity = Gauge(
+            "spartan_queue_capacity_rows",
+            "Most rows the batch queue holds before requests get 429 (max_queue_rows).",
+            registry=r,
+        )
         self.requests = Counter(
             "spartan_requests",
             "Prediction requests by task and outcome (ok, invalid, not_found, overloaded, timeout, error).",
@@ -126,6 +131,23 @@ class Metrics:
         self.tasks_registered = Gauge(
             "spartan_tasks_registered",
             "Tasks known to the registry (resident or only in the store).",
+            registry=r,
+        )
+        self.store_polls = Counter(
+            "spartan_store_polls",
+            "Polls of the memory store for added, changed and removed memories, by outcome (ok, error).",
+            ["outcome"],
+            registry=r,
+        )
+        self.store_poll_duration = Histogram(
+            "spartan_store_poll_duration_seconds",
+            "Time of one store poll (listing, and reading the memories that changed).",
+            buckets=_LOAD_BUCKETS,
+            registry=r,
+        )
+        self.store_conflicts = Counter(
+            "spartan_store_conflicts",
+            "Uploads refused because another writer changed the task in the store first.",
             registry=r,
         )
         self.build_info = Info(

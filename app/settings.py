@@ -32,7 +32,36 @@ class Settings(BaseSettings):
         "a local Hugging Face model folder, or a hub id (only where a hub is reachable).",
     )
     memory_dir: Path = Field(
-        default=Path("memories"), description="The local store of task memory files (*.safetensors)."
+        default=Path("memories"),
+        description="The local store of task memory files (*.safetensors), when store = local.",
+    )
+    store: Literal["local", "s3"] = Field(
+        default="local",
+        description="Where task memories live: `local` (the memory_dir folder, the embedded default) or "
+        "`s3` (an S3-compatible bucket shared by every replica; see the s3_* options).",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None,
+        description="S3 endpoint, e.g. http://seaweedfs:8333 or https://minio.example; unset = AWS S3.",
+    )
+    s3_bucket: str | None = Field(default=None, description="Bucket of the task memories (store = s3).")
+    s3_prefix: str = Field(
+        default="memories/",
+        description="Key prefix inside the bucket: a task's file is <prefix><task>.safetensors.",
+    )
+    s3_region: str = Field(default="us-east-1", description="Region of the bucket (signing).")
+    s3_access_key_id: SecretStr | None = Field(
+        default=None,
+        description="S3 access key; unset = boto3's default chain (AWS_* env, profile, pod identity).",
+    )
+    s3_secret_access_key: SecretStr | None = Field(
+        default=None, description="S3 secret key; unset = boto3's default chain."
+    )
+    s3_create_bucket: bool = Field(
+        default=False, description="Create the bucket at start if it does not exist (development)."
+    )
+    s3_timeout_s: float = Field(
+        default=10.0, gt=0.0, description="Connect and read timeout of one S3 call, in seconds."
     )
     torch_threads: int | None = Field(
         default=None, ge=1, description="torch intra-op threads; unset = torch's default (all cores)."
@@ -108,6 +137,12 @@ class Settings(BaseSettings):
         ge=0.0,
         description="How often the memory store is checked for added, changed or removed files; 0 = never.",
     )
+    shutdown_timeout_s: float = Field(
+        default=30.0,
+        ge=0.0,
+        description="On SIGTERM the service stops accepting connections, then gives the requests it has "
+        "accepted this long to finish before it exits (keep it below the orchestrator's grace period).",
+    )
     routing_stats: bool = Field(
         default=True,
         description="Count, per task, how often each memory parent is chosen per predicted label "
@@ -118,6 +153,12 @@ class Settings(BaseSettings):
         ge=0,
         description="Metrics: the first N tasks seen get their own `task` label, later ones share 'other'.",
     )
+
+    @model_validator(mode="after")
+    def _s3_needs_a_bucket(self) -> Settings:
+        if self.store == "s3" and not self.s3_bucket:
+            raise ValueError("store = s3 needs s3_bucket (SPARTAN_S3_BUCKET)")
+        return self
 
     @model_validator(mode="after")
     def _request_fits_queue(self) -> Settings:

@@ -43,3 +43,15 @@ def peers_python(repo_root: Path) -> Path:
     if not python.exists():
         pytest.fail(f"{python} is missing: run `make peers-env` (or `make test`, which builds it)")
     return python
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory: pytest.TempPathFactory):
+    """One real S3-compatible server (SeaweedFS) with one bucket for the session; tests use their own
+    key prefixes in it (every bucket costs SeaweedFS volumes)."""
+    from procs import SeaweedS3  # tests/ is on sys.path (rootdir conftest)
+
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs")).start_ready()
+    server.client().create_bucket(Bucket=server.bucket)
+    yield server
+    server.stop()

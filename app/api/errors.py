@@ -34,6 +34,8 @@ from app.errors import (
     RequestTimeout,
     RoutingStatsDisabled,
     SpartanError,
+    StoreConflict,
+    StoreUnavailable,
     TaskNotFound,
     TaskUnavailable,
     WritesDisabled,
@@ -48,6 +50,7 @@ ERROR_STATUS: dict[type[SpartanError], int] = {
     MemoryInvalid: 422,
     BackboneMismatch: 409,
     MemoryConflict: 409,
+    StoreConflict: 409,
     TaskNotFound: 404,
     RoutingStatsDisabled: 404,
     PayloadTooLarge: 413,
@@ -56,6 +59,7 @@ ERROR_STATUS: dict[type[SpartanError], int] = {
     WritesDisabled: 403,
     NotReady: 503,
     TaskUnavailable: 503,
+    StoreUnavailable: 503,
     RequestTimeout: 504,
     InferenceFailed: 500,
     BackboneError: 503,
@@ -79,7 +83,7 @@ _STATUS_MEANING = {
     413: "Too large",
     422: "Invalid request, task name or memory file (the message says exactly what)",
     429: "Queue full: retry after the Retry-After header's seconds",
-    503: "Not ready, or the task's stored file cannot be served",
+    503: "Not ready, the task's stored file cannot be served, or the memory store is unreachable",
     504: "The request outlived its deadline",
 }
 

@@ -153,6 +153,7 @@ class Batcher:
         self._busy_since: float | None = None  # when the batch in progress started
         self._batch_seconds = 0.1  # moving average of a batch's duration, for Retry-After
         self._listeners: list[Callable[[BatchRecord], None]] = []
+        self.metrics.queue_capacity.set(max_queue_rows)
 
     # --------------------------------------------------------------------------------- lifecycle
 

@@ -26,7 +26,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from app.errors import MemoryConflict, MemoryInvalid, TaskNotFound, TaskUnavailable
+from app.errors import (
+    MemoryConflict,
+    MemoryInvalid,
+    StoreConflict,
+    StoreUnavailable,
+    TaskNotFound,
+    TaskUnavailable,
+)
 from app.metrics import Metrics
 from app.registry.store import MemoryStore, StoredFile, validate_task_name
 from app.spartan.memfile import (
@@ -188,8 +195,11 @@ class Registry:
     def put(self, task: str, data: bytes, *, replace: bool = False, if_match: str | None = None) -> PutResult:
         """Validate, store atomically, swap in. Nothing changes unless every step before it succeeded.
 
-        Replacing an existing task needs `replace` or `if_match` equal to its current version
-        ("*" matches any existing version); otherwise MemoryConflict.
+        Uploading the bytes the task already has is a no-op success (so retries are safe). Replacing
+        an existing task needs `replace` or `if_match` equal to its current version ("*" matches any
+        existing version); otherwise MemoryConflict. The store write is conditional
+        on the stored file this check saw, so a writer elsewhere (another replica) that got there first
+        makes this one fail with StoreConflict instead of being overwritten silently.
         """
         validate_task_name(task)
         started = time.perf_counter()
@@ -202,8 +212,18 @@ class Registry:
         state = self._state_for_write(task)
         with state.lock:
             current = self._current_facts(state)
+            if current is not None and current.version == memory.version and current.error is None:
+                # The same bytes again (a client's or the proxy's retry): nothing to write; succeed.
+                if state.memory is None or state.memory.version != memory.version:
+                    self._install(state, memory, current, seconds, source="upload")
+                with self._lock:
+                    return PutResult(created=False, info=self._info(state))
             check_replace(task, current.version if current else None, replace, if_match)
-            stored = self.store.write(task, data)
+            try:
+                stored = self.store.write(task, data, expected=current.stored.stamp if current else None)
+            except StoreConflict:
+                self.metrics.store_conflicts.inc()
+                raise
             facts = FileFacts(stored, memory.version, memory.spec)
             self._install(state, memory, facts, seconds, source="upload")
             with self._lock:
@@ -296,12 +316,31 @@ class Registry:
 
     # ------------------------------------------------------------------------------------ internals
 
+    def refresh_when_reachable(self, timeout_s: float, retry_every_s: float = 1.0) -> None:
+        """The first refresh at start: an object store that is still starting (compose, a new cluster)
+        gets `timeout_s` to answer before the service gives up (StoreUnavailable)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self.refresh()
+                return
+            except StoreUnavailable as err:
+                if time.monotonic() >= deadline:
+                    raise
+                log.warning("memory store %s not reachable yet (%s); retrying", self.store.location, err)
+                time.sleep(retry_every_s)
+
     def _poll(self, interval_s: float) -> None:
         while not self._poll_stop.wait(interval_s):
+            started = time.perf_counter()
             try:
                 self.refresh()
             except Exception:  # the poller must outlive a flaky store
+                self.metrics.store_polls.labels("error").inc()
                 log.exception("memory store poll failed")
+            else:
+                self.metrics.store_polls.labels("ok").inc()
+            self.metrics.store_poll_duration.observe(time.perf_counter() - started)
 
     def _registered(self, task: str) -> _Task:
         """The task's state; a file added to the store since the last poll is picked up here."""

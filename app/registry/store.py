@@ -1,22 +1,35 @@
-"""Where task memory files live: a small interface, and the local-folder store.
+"""Where task memory files live: a small interface, the local-folder store and the store factory.
 
-The registry only talks to `MemoryStore`, so an object store (S3) can be added without touching it.
-A task's file is `<task>.safetensors`. Task names are checked here, once, for every store: a name can
-never carry a path (no separators, no dots, no leading dash), so it cannot escape the store.
+The registry only talks to `MemoryStore`; the S3-compatible store lives in s3store.py (boto3 is only
+imported when it is used). A task's file is `<task>.safetensors`. Task names are checked here, once,
+for every store: a name can never carry a path (no separators, no dots, no leading dash), so it cannot
+escape the store.
+
+Writes are compare-and-swap: the writer says which version of the file it checked (its stamp, or that
+there was none), and the store refuses the write with StoreConflict if the file changed meanwhile. This
+is what makes two replicas that upload the same task at once end with one winner and one clear 409.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
-from app.errors import InvalidTaskName, TaskNotFound
-from app.spartan.memfile import write_atomically
+from app.errors import InvalidTaskName, StoreConflict, TaskNotFound
+from app.spartan.memfile import fsync_folder, write_atomically
+
+if TYPE_CHECKING:
+    from app.settings import Settings
 
 MEMORY_SUFFIX = ".safetensors"
+# `expected` of an unconditional write (tools, tests); the service always says what it checked.
+ANY_VERSION: Final = "*"
 MAX_TASK_NAME = 64
 TASK_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 TASK_NAME_PATTERN = f"^{TASK_NAME_RE.pattern}$"  # for the OpenAPI schema
@@ -62,8 +75,12 @@ class MemoryStore(Protocol):
         """The file's bytes and the stamp of exactly those bytes; TaskNotFound if there is none."""
         ...
 
-    def write(self, task: str, data: bytes) -> StoredFile:
-        """Store atomically: readers see the old file or the new one, never a part."""
+    def write(self, task: str, data: bytes, *, expected: str | None = ANY_VERSION) -> StoredFile:
+        """Store atomically: readers see the old file or the new one, never a part.
+
+        `expected` is the stamp of the file the writer checked, None if it saw no file, ANY_VERSION
+        to overwrite whatever is there; StoreConflict (nothing written) if the store has moved on.
+        """
         ...
 
     def delete(self, task: str) -> bool:
@@ -71,8 +88,22 @@ class MemoryStore(Protocol):
         ...
 
 
+def conflict(task: str, expected: str | None) -> StoreConflict:
+    seen = "no file" if expected is None else "the version this upload checked"
+    return StoreConflict(
+        f"task {task!r} was changed in the memory store by another writer after this upload checked "
+        f"it (it saw {seen}); nothing was written: fetch the task's current version and retry"
+    )
+
+
 class LocalFolderStore:
-    """Task memories as `<task>.safetensors` files in one folder. Other files are ignored."""
+    """Task memories as `<task>.safetensors` files in one folder. Other files are ignored.
+
+    Several processes may share the folder (replicas on one volume): a compare-and-swap write holds an
+    exclusive flock on `.spartan.lock` in the folder from the check to the rename.
+    """
+
+    LOCK_NAME = ".spartan.lock"
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -118,19 +149,43 @@ class LocalFolderStore:
         except FileNotFoundError:
             raise TaskNotFound(f"task {task!r} is not in the memory store") from None
 
-    def write(self, task: str, data: bytes) -> StoredFile:
+    def write(self, task: str, data: bytes, *, expected: str | None = ANY_VERSION) -> StoredFile:
         path = self.path(task)
-        write_atomically(path, data)
-        return _stored(task, path.stat())
+        with self._locked():
+            if expected != ANY_VERSION:
+                current = self.stat(task)
+                if (current.stamp if current else None) != expected:
+                    raise conflict(task, expected)
+            write_atomically(path, data)
+            return _stored(task, path.stat())
 
     def delete(self, task: str) -> bool:
-        try:
-            self.path(task).unlink()
-        except FileNotFoundError:
-            return False
+        path = self.path(task)
+        with self._locked():
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                return False
+            fsync_folder(self.root)
         return True
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with (self.root / self.LOCK_NAME).open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed
+            yield
 
 
 def _stored(task: str, st: os.stat_result) -> StoredFile:
     # The inode changes on every atomic replace, so a rename within the same nanosecond is still seen.
     return StoredFile(task, st.st_size, f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}")
+
+
+def open_store(settings: Settings) -> MemoryStore:
+    """The store the settings name: the local folder (default) or an S3-compatible bucket."""
+    if settings.store == "s3":
+        from app.registry.s3store import S3Store  # boto3 is imported only where it is used
+
+        return S3Store.from_settings(settings)
+    return LocalFolderStore(settings.memory_dir)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save as save_safetensors
 
+from app.registry.store import LocalFolderStore
 from app.spartan.memfile import memory_tensors, spec_metadata
 from app.spartan.memory import TaskMemory
 
@@ -163,7 +164,10 @@ def test_every_bad_upload_gets_its_4xx_and_the_old_version_keeps_serving(
             assert no_file.status_code == 422
             assert "no file part" in no_file.json()["error"]["message"]
             assert (settings.memory_dir / "reviews.safetensors").read_bytes() == good
-            assert sorted(p.name for p in settings.memory_dir.iterdir()) == ["reviews.safetensors"]
+            files = sorted(
+                p.name for p in settings.memory_dir.iterdir() if p.name != LocalFolderStore.LOCK_NAME
+            )
+            assert files == ["reviews.safetensors"]
 
     asyncio.run(scenario())
 
