@@ -5,7 +5,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -88,6 +88,12 @@ def require_reader(svc: ServicesDep, credentials: Credentials) -> None:
     ):
         return
     raise AuthenticationRequired("this operation needs the predict key: Authorization: Bearer <key>")
+
+
+def reader_dependencies(settings: Settings) -> list[Any]:
+    """Predictions and listings need a key only where one is configured; the OpenAPI schema says
+    exactly that (a security requirement on an open route would tell clients a lie)."""
+    return [Depends(require_reader)] if settings.predict_api_key is not None else []
 
 
 def task_name(

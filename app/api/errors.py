@@ -148,6 +148,10 @@ async def _validation_error(request: Request, error: Exception) -> JSONResponse:
 
 async def _http_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, StarletteHTTPException)
+    if error.status_code == 400:
+        # FastAPI's "error parsing the body" (bytes that are not JSON, or not UTF-8): an invalid request
+        # like any other, so it gets the documented 422 and its type rather than a bare 400.
+        return error_response(422, "invalid_request", f"body: {error.detail}")
     kind = _HTTP_TYPES.get(error.status_code, "http_error")
     return error_response(error.status_code, kind, str(error.detail), headers=dict(error.headers or {}))
 

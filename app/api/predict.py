@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 
-from app.api.deps import ServicesDep, TaskName, require_reader
+from app.api.deps import ServicesDep, TaskName, reader_dependencies
 from app.api.errors import error_responses
 from app.api.schemas import PredictRequest, PredictResponse
 from app.settings import Settings
@@ -35,7 +35,7 @@ def build_router(settings: Settings) -> APIRouter:
         predict,
         methods=["POST"],
         response_model=PredictResponse,
-        dependencies=[Depends(require_reader)],
+        dependencies=reader_dependencies(settings),
         responses=error_responses(401, 404, 413, 422, 429, 503, 504),
         max_body_size=predict_body_limit(settings),
         summary="Predict with a task's memory",

@@ -12,8 +12,8 @@ from app.api.deps import (
     ServicesDep,
     TaskName,
     read_memory_upload,
+    reader_dependencies,
     require_admin,
-    require_reader,
 )
 from app.api.errors import error_responses
 from app.api.schemas import ErrorBody, RoutingOut, TaskList, TaskOut
@@ -125,7 +125,7 @@ _UPLOAD_BODY: dict[str, Any] = {
 
 def build_router(settings: Settings) -> APIRouter:
     router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
-    reader, admin = [Depends(require_reader)], [Depends(require_admin)]
+    reader, admin = reader_dependencies(settings), [Depends(require_admin)]
     router.add_api_route(
         "",
         list_tasks,
