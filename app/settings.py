@@ -12,6 +12,8 @@ from platformdirs import user_cache_dir
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+MIN_KEY_LENGTH = 16
+
 
 def default_cache_dir() -> Path:
     return Path(user_cache_dir("spartan-serve"))
@@ -153,6 +155,17 @@ class Settings(BaseSettings):
         ge=0,
         description="Metrics: the first N tasks seen get their own `task` label, later ones share 'other'.",
     )
+
+    @model_validator(mode="after")
+    def _keys_are_not_guessable(self) -> Settings:
+        # An empty key (an unfilled secret) or a short one would protect nothing; refuse to start.
+        for name in ("admin_api_key", "predict_api_key"):
+            key: SecretStr | None = getattr(self, name)
+            if key is not None and len(key.get_secret_value()) < MIN_KEY_LENGTH:
+                raise ValueError(
+                    f"{name} must be at least {MIN_KEY_LENGTH} characters (e.g. openssl rand -hex 32)"
+                )
+        return self
 
     @model_validator(mode="after")
     def _s3_needs_a_bucket(self) -> Settings:

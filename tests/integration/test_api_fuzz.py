@@ -18,7 +18,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
-ADMIN_KEY = "fuzz-admin-key"
+ADMIN_KEY = "fuzz-admin-key-0123456789"
 # Per operation and mode: schema-valid (positive) and schema-invalid (negative) requests. Operations
 # without parameters (listings, probes) have only a handful of distinct cases.
 EXAMPLES_PER_MODE = 250

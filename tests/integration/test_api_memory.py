@@ -216,12 +216,12 @@ def test_writes_need_the_admin_key_or_the_dev_flag(memory_file: Any, settings_fo
             refused = await client.put("/v1/tasks/reviews/memory", content=data)
             assert refused.status_code == 403
             assert "SPARTAN_ADMIN_API_KEY" in refused.json()["error"]["message"]
-        async with serve(settings_for(admin_api_key="s3cret")) as (_, client):
+        async with serve(settings_for(admin_api_key="s3cret-0123456789abc")) as (_, client):
             url = "/v1/tasks/reviews/memory"
             assert (await client.put(url, content=data)).status_code == 401
-            wrong = {"Authorization": "Bearer s3cre"}
+            wrong = {"Authorization": "Bearer s3cret-0123456789ab"}  # one character short
             assert (await client.put(url, content=data, headers=wrong)).status_code == 401
-            right = {"Authorization": "Bearer s3cret"}
+            right = {"Authorization": "Bearer s3cret-0123456789abc"}
             assert (await client.put(url, content=data, headers=right)).status_code == 201
             assert (await client.delete("/v1/tasks/reviews")).status_code == 401
             assert (await client.delete("/v1/tasks/reviews", headers=right)).status_code == 204

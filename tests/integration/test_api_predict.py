@@ -188,10 +188,14 @@ def test_unknown_task_never_falls_back_to_the_bare_backbone(settings_for: Any, s
     assert asyncio.run(scenario()) == 404
 
 
+READER_KEY, ADMIN_KEY = "reader-key-0123456789", "admin-key-0123456789"
+READER, ADMIN = {"Authorization": f"Bearer {READER_KEY}"}, {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
 def test_predict_key_guards_predictions_and_listings(
     memory_file: Any, settings_for: Any, serve: Any, write_memory: Any
 ) -> None:
-    settings = settings_for(predict_api_key="reader-key", admin_api_key="admin-key")
+    settings = settings_for(predict_api_key=READER_KEY, admin_api_key=ADMIN_KEY)
     write_memory(settings, "sentiment", memory_file(seed=1))
     body = {"inputs": ["x"]}
 
@@ -201,14 +205,10 @@ def test_predict_key_guards_predictions_and_listings(
             statuses = [
                 (await client.post(url, json=body)).status_code,
                 (await client.post(url, json=body, headers={"Authorization": "Bearer wrong"})).status_code,
-                (
-                    await client.post(url, json=body, headers={"Authorization": "Bearer reader-key"})
-                ).status_code,
-                (
-                    await client.post(url, json=body, headers={"Authorization": "Bearer admin-key"})
-                ).status_code,
+                (await client.post(url, json=body, headers=READER)).status_code,
+                (await client.post(url, json=body, headers=ADMIN)).status_code,
                 (await client.get("/v1/tasks")).status_code,
-                (await client.get("/v1/tasks", headers={"Authorization": "Bearer reader-key"})).status_code,
+                (await client.get("/v1/tasks", headers=READER)).status_code,
                 (await client.get("/healthz")).status_code,  # probes stay open
             ]
             unauthorized = await client.post(url, json=body)

@@ -194,7 +194,7 @@ def test_mixed_batches_count_each_task_apart(
 def test_switched_off_guarded_and_documented(settings_for: Any, serve: Any, write_memory: Any) -> None:
     off = settings_for(routing_stats=False)
     write_memory(off, "sentiment", SENTIMENT)
-    guarded = settings_for(predict_api_key="reader-key")
+    guarded = settings_for(predict_api_key="reader-key-0123456789")
     write_memory(guarded, "sentiment", SENTIMENT)
 
     async def scenario() -> tuple[Any, ...]:
@@ -204,7 +204,7 @@ def test_switched_off_guarded_and_documented(settings_for: Any, serve: Any, writ
             disabled = (await client.get("/v1/tasks/sentiment/routing")).json()
         async with serve(guarded) as (_, client):
             anonymous = (await client.get("/v1/tasks/sentiment/routing")).status_code
-            key = {"Authorization": "Bearer reader-key"}
+            key = {"Authorization": "Bearer reader-key-0123456789"}
             allowed = await routing(client, "sentiment", headers=key)
             schema = (await client.get("/openapi.json")).json()
         return disabled, anonymous, allowed, schema
