@@ -322,6 +322,8 @@ class Registry:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
+                if removed := self.store.recover():
+                    log.warning("removed %d partial file(s) a crashed upload left in the store", removed)
                 self.refresh()
                 return
             except StoreUnavailable as err:

@@ -144,6 +144,9 @@ class S3Store:
         self._call(lambda: self.client.delete_object(Bucket=self.bucket, Key=key))
         return True
 
+    def recover(self) -> int:
+        return 0  # an object PUT is atomic: a crashed writer leaves nothing behind
+
     # ------------------------------------------------------------------------------------ internals
 
     def create_bucket(self) -> None:

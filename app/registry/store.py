@@ -87,6 +87,10 @@ class MemoryStore(Protocol):
         """Remove the task's file; False if there was none."""
         ...
 
+    def recover(self) -> int:
+        """At start: remove what a crashed writer left behind (never a visible file); how many."""
+        ...
+
 
 def conflict(task: str, expected: str | None) -> StoreConflict:
     seen = "no file" if expected is None else "the version this upload checked"
@@ -168,6 +172,16 @@ class LocalFolderStore:
                 return False
             fsync_folder(self.root)
         return True
+
+    def recover(self) -> int:
+        # A writer killed mid-write leaves its hidden temp file (never the task's file: the rename is
+        # atomic). Under the lock no write is in progress, so every temp file is an orphan.
+        removed = 0
+        with self._locked():
+            for orphan in self.root.glob(f".*{MEMORY_SUFFIX}.*.tmp"):
+                orphan.unlink(missing_ok=True)
+                removed += 1
+        return removed
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
