@@ -151,7 +151,9 @@ def train(
     parents: Annotated[int, typer.Option(min=1, help="E: parents per layer.")] = 16,
     children: Annotated[int, typer.Option(min=1, help="C: children per parent.")] = 3,
     top_k: Annotated[int, typer.Option(min=1, help="k: parents used per token.")] = 8,
-    temperature: Annotated[float, typer.Option(min=1e-3, help="T: child softmax temperature.")] = 1.6,
+    temperature: Annotated[
+        float, typer.Option(min=1e-3, max=1e3, help="T: child softmax temperature.")
+    ] = 1.6,
     layernorm: Annotated[bool, typer.Option(help="Train the task's own LayerNorm weights.")] = True,
     balance_weight: Annotated[float, typer.Option(min=0.0, help="Load-balancing loss weight.")] = 0.0,
     backbone: BackboneOpt = None,

@@ -1,8 +1,10 @@
 """Memory files: safetensors only (never pickle), with the metadata needed to use them safely.
 
 Every way a file can be wrong gets a MemoryInvalid (or BackboneMismatch) whose message says what is
-wrong, with expected vs found. Nothing is trusted before it is checked: the header is parsed and its
-offsets checked by us before safetensors reads any tensor.
+wrong, with expected vs found; no other exception escapes the parser, whatever the bytes. Nothing is
+trusted before it is checked: the header is parsed (strict JSON) and its offsets checked by us before
+safetensors reads any tensor, so no declared size is allocated unless the file holds those bytes.
+Messages quote hostile values shortened and escaped (`shown`), so they are safe in JSON bodies and logs.
 """
 
 from __future__ import annotations
@@ -11,8 +13,11 @@ import hashlib
 import json
 import math
 import os
+import re
+import reprlib
 import struct
 import tempfile
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +34,10 @@ FORMAT_NAME = "spartan-memory"
 FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 MAX_HEADER_BYTES = 1 << 20  # a memory's header lists ~25 tensors; megabytes of header are an attack
+# A JSON value costs up to 25 times its bytes once parsed (an empty object: 70 bytes of heap for 3 of
+# header), so their number is bounded too: parsing any header then takes at most ~7 MB. A memory needs
+# about 9 per tensor and 1 per label: 48 layers with every LayerNorm and 20,000 labels fit.
+MAX_HEADER_VALUES = 32_768
 _DTYPE_SIZES = {
     "F64": 8,
     "F32": 4,
@@ -58,6 +67,16 @@ _REQUIRED_METADATA = (
     "labels",
     "max_length",
 )
+_OPTIONAL_METADATA = ("text_pairs", "layernorms", "dropout", "training")
+_ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
+_MAX_NDIM = 8  # memory tensors have at most 3
+_MAX_META_DEPTH = 16  # of a metadata JSON value (training reports nest 3 levels)
+_MAX_TEXT = 256  # characters of a label, a backbone id or fingerprint, a LayerNorm name
+_TEMPERATURE_RANGE = (1e-3, 1e3)  # `spartan train` refuses T < 1e-3; beyond this range softmax overflows
+_DECIMAL_INT = re.compile(r"-?[0-9]{1,18}")  # int() alone would take "1_6", " 16" or Arabic-Indic digits
+_DECIMAL_FLOAT = re.compile(r"[+-]?([0-9]{1,20}(\.[0-9]{0,20})?|\.[0-9]{1,20})([eE][+-]?[0-9]{1,3})?")
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+){0,7}")
+_MODULE_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 
 
 @dataclass(frozen=True)
@@ -195,148 +214,368 @@ def read_header(data: bytes) -> dict[str, Any]:
     """The safetensors JSON header, after checking its length and that the data offsets fit the file."""
     if len(data) == 0:
         raise MemoryInvalid("empty file: a memory file is a safetensors file with a JSON header")
-    if data[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or data[:2] == b"PK":
-        raise MemoryInvalid(
-            "this is a pickle / torch.save file; only safetensors memory files are accepted "
-            "(pickle can execute code when loaded)"
-        )
+    # Another format is named only where the bytes cannot be a safetensors file: the first bytes of a
+    # real header size can equal a magic number (a header of 1152 bytes starts like a pickle).
+    foreign = foreign_format(data)
     if len(data) < 8:
-        raise MemoryInvalid(f"not a safetensors file: {len(data)} bytes, shorter than the 8-byte header size")
+        raise MemoryInvalid(
+            foreign or f"not a safetensors file: {len(data)} bytes, shorter than the 8-byte header size"
+        )
     (header_size,) = struct.unpack("<Q", data[:8])
     if header_size > MAX_HEADER_BYTES:
         raise MemoryInvalid(
-            f"not a safetensors memory file: header declares {header_size} bytes (limit {MAX_HEADER_BYTES})"
+            foreign
+            or f"not a safetensors memory file: header declares {header_size} bytes "
+            f"(limit {MAX_HEADER_BYTES})"
         )
     if 8 + header_size > len(data):
         raise MemoryInvalid(
-            f"truncated file: header declares {header_size} bytes but only {len(data) - 8} follow"
+            foreign or f"truncated file: header declares {header_size} bytes but only {len(data) - 8} follow"
+        )
+    raw = data[8 : 8 + header_size]
+    # Every JSON value but the first of its array or object follows a comma: this bounds their number
+    # (from above: brackets and commas inside strings count too) before any is built.
+    values = raw.count(b",") + raw.count(b"{") + raw.count(b"[")
+    if values > MAX_HEADER_VALUES and not foreign:
+        raise MemoryInvalid(
+            f"not a safetensors memory file: header holds up to {values} JSON values "
+            f"(limit {MAX_HEADER_VALUES}; a memory file needs about 9 per tensor)"
         )
     try:
-        header = json.loads(data[8 : 8 + header_size])
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise MemoryInvalid(
-            f"not a safetensors file: header is not valid JSON ({err.__class__.__name__})"
-        ) from err
+        header = strict_json(raw, "not a safetensors file: header")
+    except MemoryInvalid:
+        if foreign:
+            raise MemoryInvalid(foreign) from None
+        raise
     if not isinstance(header, dict):
-        raise MemoryInvalid("not a safetensors file: header is not a JSON object")
+        raise MemoryInvalid(f"not a safetensors file: header is a JSON {json_type(header)}, not an object")
     check_offsets(header, len(data) - 8 - header_size)
     return header
 
 
+def foreign_format(data: bytes) -> str | None:
+    """What the file is if its first bytes are another format's magic number (None: no known magic)."""
+    if data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return (
+            "this is a pickle file (pickle.dump, or torch.save's legacy format); only safetensors "
+            "memory files are accepted (pickle can execute code when loaded)"
+        )
+    if data[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+        return (
+            "this is a zip archive (torch.save writes a pickle inside one); only safetensors memory "
+            "files are accepted (pickle can execute code when loaded)"
+        )
+    if data[:2] == b"\x1f\x8b":
+        return "this is a gzip-compressed file: upload the uncompressed .safetensors memory file"
+    if data[:6] == b"\x93NUMPY":
+        return "this is a numpy .npy file; only safetensors memory files are accepted"
+    return None
+
+
 def check_offsets(header: dict[str, Any], data_size: int) -> None:
-    """Every tensor's byte range must lie inside the file and match its dtype and shape; no gaps."""
-    end_max = 0
+    """Every tensor's byte range must match its dtype and shape, and the ranges must tile the data
+    section exactly: inside it, no overlap, no gap, nothing after the last tensor."""
+    ranges: list[tuple[int, int, str]] = []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
-            raise MemoryInvalid(f"tensor {name!r}: header entry lacks dtype, shape or data_offsets")
-        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in _DTYPE_SIZES:
-            raise MemoryInvalid(f"tensor {name!r}: unsupported dtype {dtype!r}")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-            raise MemoryInvalid(f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-            raise MemoryInvalid(f"tensor {name!r}: data_offsets {offsets!r} is not [begin, end]")
-        begin, end = offsets
-        expected = math.prod(shape) * _DTYPE_SIZES[dtype]
-        if not 0 <= begin <= end or end - begin != expected:
+        where = f"tensor {shown(name)}"
+        if not isinstance(entry, dict):
             raise MemoryInvalid(
-                f"tensor {name!r}: data_offsets {offsets} hold {end - begin} bytes, "
+                f"{where}: header entry is a JSON {json_type(entry)}, not an object with dtype, shape "
+                "and data_offsets"
+            )
+        if entry.keys() != _ENTRY_KEYS:
+            lacks, extra = sorted(_ENTRY_KEYS - entry.keys()), sorted(entry.keys() - _ENTRY_KEYS)
+            raise MemoryInvalid(
+                f"{where}: header entry "
+                + (f"lacks {', '.join(lacks)}" if lacks else f"has unknown fields {shown(extra)}")
+            )
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in _DTYPE_SIZES:
+            raise MemoryInvalid(f"{where}: unsupported dtype {shown(dtype)}")
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            raise MemoryInvalid(f"{where}: shape {shown(shape)} is not a list of non-negative integers")
+        if len(shape) > _MAX_NDIM:
+            raise MemoryInvalid(f"{where}: shape has {len(shape)} dimensions (at most {_MAX_NDIM})")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+            raise MemoryInvalid(f"{where}: data_offsets {shown(offsets)} is not [begin, end]")
+        begin, end = offsets
+        # Shape dimensions have at most 20 digits (strict_json), so this product is cheap however big.
+        expected = math.prod(shape) * _DTYPE_SIZES[dtype]
+        if not 0 <= begin <= end:
+            raise MemoryInvalid(f"{where}: data_offsets {offsets} are not 0 <= begin <= end")
+        if end - begin != expected:
+            raise MemoryInvalid(
+                f"{where}: data_offsets {offsets} hold {end - begin} bytes, "
                 f"its dtype and shape need {expected}"
             )
         if end > data_size:
             raise MemoryInvalid(
-                f"truncated file: tensor {name!r} ends at byte {end} of the data section, "
+                f"truncated file: {where} ends at byte {end} of the data section, "
                 f"which has only {data_size} bytes"
             )
-        end_max = max(end_max, end)
-    if end_max != data_size:
-        raise MemoryInvalid(f"data section has {data_size} bytes but the tensors cover {end_max}")
+        ranges.append((begin, end, name))
+    position, previous = 0, ""
+    for begin, end, name in sorted(ranges):
+        if begin < position:
+            raise MemoryInvalid(
+                f"tensor {shown(name)}: data_offsets [{begin}, {end}] overlap tensor {shown(previous)}, "
+                f"which ends at byte {position}"
+            )
+        if begin > position:
+            raise MemoryInvalid(
+                f"data section has a gap of {begin - position} bytes at byte {position}, "
+                f"before tensor {shown(name)}"
+            )
+        position, previous = end, name
+    if position != data_size:
+        raise MemoryInvalid(
+            f"data section has {data_size - position} bytes of trailing data after the last tensor "
+            f"(the tensors cover {position} of its {data_size} bytes)"
+        )
+
+
+# ------------------------------------------------------------------------------ strict JSON, messages
+
+
+class _JSONRefused(ValueError):
+    """A JSON document that parses, but that no memory file may hold."""
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in found:  # two readers could disagree about which of the two values counts
+            raise _JSONRefused(f"key {shown(key)} appears twice in one object")
+        found[key] = value
+    return found
+
+
+def _json_int(text: str) -> int:
+    if len(text) > 20:  # int() of a long digit string is slow, and 4,300 digits raise ValueError
+        raise _JSONRefused(f"integer {text[:12]}... has {len(text)} digits (at most 20)")
+    return int(text)
+
+
+def _json_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _JSONRefused(f"number {text[:20]} overflows to infinity")
+    return value
+
+
+def _json_constant(name: str) -> float:
+    raise _JSONRefused(f"{name} is not a JSON number")
+
+
+def strict_json(raw: bytes | str, what: str) -> Any:
+    """Parse JSON as the safetensors reader does, stricter: UTF-8 only, no duplicate keys, no NaN or
+    Infinity, integers of at most 20 digits. Every failure is a MemoryInvalid naming `what`."""
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        return json.loads(
+            text,
+            object_pairs_hook=_json_object,
+            parse_int=_json_int,
+            parse_float=_json_float,
+            parse_constant=_json_constant,
+        )
+    except UnicodeDecodeError as err:
+        raise MemoryInvalid(f"{what} is not UTF-8: invalid byte at offset {err.start}") from None
+    except RecursionError:
+        raise MemoryInvalid(f"{what} is JSON nested too deeply") from None
+    except _JSONRefused as err:
+        raise MemoryInvalid(f"{what} is not acceptable JSON: {err}") from None
+    except ValueError as err:  # json.JSONDecodeError: the message says where
+        raise MemoryInvalid(f"{what} is not valid JSON: {err}") from None
+
+
+def json_type(value: object) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def json_depth(value: object) -> int:
+    """How deeply arrays and objects nest in a parsed JSON value (iterative: no recursion limit)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = 64
+_SHOWN.maxlevel, _SHOWN.maxlist, _SHOWN.maxdict = 3, 8, 4
+
+
+def shown(value: object) -> str:
+    """A hostile value as a message may quote it: repr (control characters and lone surrogates escaped),
+    shortened, never nested deeper than 3 levels."""
+    return _SHOWN.repr(value)
+
+
+def tensor_name(name: str) -> str:
+    """A tensor name as a message shows it: plain when it looks like one, else quoted and escaped."""
+    return name if len(name) <= 128 and _PLAIN_NAME.fullmatch(name) else shown(name)
+
+
+def _bad_text(value: str, limit: int) -> str | None:
+    """Why `value` cannot be a label or a name shown to users and logs (None: it can)."""
+    if not value:
+        return "is empty"
+    if len(value) > limit:
+        return f"has {len(value)} characters (at most {limit})"
+    for index, char in enumerate(value):
+        if unicodedata.category(char) in ("Cc", "Cs"):  # control characters, lone surrogates
+            return f"has a control or surrogate character {char!r} at position {index}"
+    return None
+
+
+# ------------------------------------------------------------------------------------------ metadata
 
 
 def _meta_int(meta: dict[str, str], key: str, low: int, high: int) -> int:
-    try:
-        value = int(meta[key])
-    except ValueError:
-        raise MemoryInvalid(f"metadata {key}={meta[key]!r} is not an integer") from None
+    raw = meta[key]
+    if not _DECIMAL_INT.fullmatch(raw):
+        raise MemoryInvalid(f"metadata {key}={shown(raw)} is not an integer (decimal digits only)")
+    value = int(raw)
     if not low <= value <= high:
         raise MemoryInvalid(f"metadata {key}={value} is out of range [{low}, {high}]")
+    return value
+
+
+def _meta_float(meta: dict[str, str], key: str, low: float, high: float, default: str = "") -> float:
+    raw = meta.get(key, default)
+    if not _DECIMAL_FLOAT.fullmatch(raw):
+        raise MemoryInvalid(f"metadata {key}={shown(raw)} is not a decimal number")
+    value = float(raw)
+    if not low <= value <= high:  # also refuses overflow to inf
+        raise MemoryInvalid(f"metadata {key}={shown(raw)} is out of range [{low:g}, {high:g}]")
     return value
 
 
 def _meta_json(meta: dict[str, str], key: str, default: Any) -> Any:
     if key not in meta:
         return default
-    try:
-        return json.loads(meta[key])
-    except json.JSONDecodeError:
-        raise MemoryInvalid(f"metadata {key} is not valid JSON") from None
+    value = strict_json(meta[key], f"metadata {key}")
+    if json_depth(value) > _MAX_META_DEPTH:
+        raise MemoryInvalid(f"metadata {key} nests JSON more than {_MAX_META_DEPTH} levels deep")
+    return value
 
 
 def _meta_choice(meta: dict[str, str], key: str, choices: tuple[str, ...]) -> str:
     if meta[key] not in choices:
-        raise MemoryInvalid(f"metadata {key}={meta[key]!r}: expected one of {', '.join(choices)}")
+        raise MemoryInvalid(f"metadata {key}={shown(meta[key])}: expected one of {', '.join(choices)}")
     return meta[key]
+
+
+def _meta_text(meta: dict[str, str], key: str) -> str:
+    problem = _bad_text(meta[key], _MAX_TEXT)
+    if problem:
+        raise MemoryInvalid(f"metadata {key} {problem}")
+    return meta[key]
+
+
+def _meta_labels(meta: dict[str, str], task_type: str) -> tuple[str, ...]:
+    labels = _meta_json(meta, "labels", [])
+    if not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
+        raise MemoryInvalid(f"metadata labels must be a JSON list of strings, found {shown(labels)}")
+    for index, label in enumerate(labels):
+        problem = _bad_text(label, _MAX_TEXT)
+        if problem:
+            raise MemoryInvalid(f"metadata labels: label {index} {shown(label)} {problem}")
+    if task_type == "classification" and (len(labels) < 2 or len(set(labels)) != len(labels)):
+        raise MemoryInvalid(
+            f"a classification memory needs at least 2 distinct labels, found {shown(labels)}"
+        )
+    return tuple(labels)
+
+
+def _meta_layernorms(meta: dict[str, str]) -> tuple[str, ...]:
+    names = _meta_json(meta, "layernorms", [])
+    if not (isinstance(names, list) and all(isinstance(x, str) for x in names)):
+        raise MemoryInvalid(f"metadata layernorms must be a JSON list of module names, found {shown(names)}")
+    for name in names:
+        if len(name) > _MAX_TEXT or not _MODULE_NAME.fullmatch(name):
+            raise MemoryInvalid(
+                f"metadata layernorms: {shown(name)} is not a module name (letters, digits, '_', "
+                f"dot-separated, at most {_MAX_TEXT} characters)"
+            )
+    keys = [layernorm_key(name) for name in names]
+    if len(set(keys)) != len(keys):
+        raise MemoryInvalid("metadata layernorms names one LayerNorm twice")
+    return tuple(names)
 
 
 def parse_spec(metadata: object) -> MemorySpec:
     """The MemorySpec of a file's metadata, with every field type- and range-checked."""
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise MemoryInvalid("no spartan metadata: this safetensors file is not a spartan memory file")
+    if metadata is None:
+        raise MemoryInvalid(
+            "no spartan metadata: this safetensors file has no __metadata__, "
+            "so it is not a spartan memory file"
+        )
+    if not isinstance(metadata, dict):
+        raise MemoryInvalid(f"header __metadata__ is a JSON {json_type(metadata)}, not an object of strings")
+    for key, value in metadata.items():
+        if not isinstance(value, str):
+            raise MemoryInvalid(
+                f"metadata {shown(key)} is a JSON {json_type(value)}, not a string "
+                "(safetensors metadata values are strings)"
+            )
     meta: dict[str, str] = metadata
     if meta.get("format") != FORMAT_NAME:
-        raise MemoryInvalid(f"metadata format={meta.get('format')!r}: expected {FORMAT_NAME!r}")
+        raise MemoryInvalid(f"metadata format={shown(meta.get('format'))}: expected {FORMAT_NAME!r}")
     version = meta.get("format_version", "?")
     if version not in {str(v) for v in SUPPORTED_VERSIONS}:
         supported = ", ".join(str(v) for v in SUPPORTED_VERSIONS)
-        raise MemoryInvalid(f"unsupported format version {version!r}: this service reads version {supported}")
+        raise MemoryInvalid(
+            f"unsupported format version {shown(version)}: this service reads version {supported}"
+        )
     missing = [key for key in _REQUIRED_METADATA if key not in meta]
     if missing:
         raise MemoryInvalid(f"metadata lacks {', '.join(missing)}")
+    unknown = sorted(meta.keys() - {*_REQUIRED_METADATA, *_OPTIONAL_METADATA})
+    if unknown:
+        raise MemoryInvalid(f"unknown metadata keys: {shown(unknown)}")
     num_parents = _meta_int(meta, "num_parents", 1, 1 << 20)
-    try:
-        temperature = float(meta["temperature"])
-        dropout = float(meta.get("dropout", "0.1"))
-    except ValueError:
-        raise MemoryInvalid("metadata temperature or dropout is not a number") from None
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise MemoryInvalid(f"metadata temperature={temperature} must be a positive finite number")
     task_type = _meta_choice(meta, "task_type", ("classification", "regression"))
-    labels = _meta_json(meta, "labels", [])
-    if not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
-        raise MemoryInvalid("metadata labels must be a JSON list of strings")
-    if task_type == "classification" and (len(labels) < 2 or len(set(labels)) != len(labels)):
-        raise MemoryInvalid(f"a classification memory needs at least 2 distinct labels, found {labels}")
-    layernorms = _meta_json(meta, "layernorms", [])
-    if not (isinstance(layernorms, list) and all(isinstance(x, str) for x in layernorms)):
-        raise MemoryInvalid("metadata layernorms must be a JSON list of module names")
+    text_pairs = _meta_json(meta, "text_pairs", False)
+    if not isinstance(text_pairs, bool):
+        raise MemoryInvalid(f"metadata text_pairs must be true or false, found {shown(text_pairs)}")
     training = _meta_json(meta, "training", {})
+    if not isinstance(training, dict):
+        raise MemoryInvalid(f"metadata training must be a JSON object, found a JSON {json_type(training)}")
     return MemorySpec(
         num_layers=_meta_int(meta, "num_layers", 1, 256),
         hidden_size=_meta_int(meta, "hidden_size", 1, 1 << 16),
         num_parents=num_parents,
         num_children=_meta_int(meta, "num_children", 1, 1 << 16),
         top_k=_meta_int(meta, "top_k", 1, num_parents),
-        temperature=temperature,
+        temperature=_meta_float(meta, "temperature", *_TEMPERATURE_RANGE),
         task_type=task_type,  # type: ignore[arg-type]
-        labels=tuple(labels),
+        labels=_meta_labels(meta, task_type),
         pooling=_meta_choice(meta, "pooling", ("mean", "first")),  # type: ignore[arg-type]
         max_length=_meta_int(meta, "max_length", 1, 1 << 16),
-        text_pairs=bool(_meta_json(meta, "text_pairs", False)),
-        backbone_id=meta["backbone_id"],
-        backbone_fingerprint=meta["backbone_fingerprint"],
-        layernorm_names=tuple(layernorms),
-        dropout=dropout,
-        training=training if isinstance(training, dict) else {},
+        text_pairs=text_pairs,
+        backbone_id=_meta_text(meta, "backbone_id"),
+        backbone_fingerprint=_meta_text(meta, "backbone_fingerprint"),
+        layernorm_names=_meta_layernorms(meta),
+        dropout=_meta_float(meta, "dropout", 0.0, 1.0, default="0.1"),
+        training=training,
     )
 
 
 def check_backbone(spec: MemorySpec, backbone: BackboneIdentity) -> None:
     if spec.backbone_fingerprint != backbone.fingerprint:
         raise BackboneMismatch(
-            f"memory was trained for backbone {spec.backbone_id!r} "
-            f"(fingerprint {spec.backbone_fingerprint[:16]}), this service runs {backbone.name!r} "
+            f"memory was trained for backbone {shown(spec.backbone_id)} "
+            f"(fingerprint {shown(spec.backbone_fingerprint[:16])}), this service runs {backbone.name!r} "
             f"(fingerprint {backbone.fingerprint[:16]})"
         )
     if (spec.num_layers, spec.hidden_size) != (backbone.num_layers, backbone.hidden_size):
@@ -363,7 +602,8 @@ def check_tensor_entries(header: dict[str, Any], spec: MemorySpec) -> None:
         )
     if extra:
         raise MemoryInvalid(
-            f"unexpected tensors: {', '.join(extra[:8])}" + (" ..." if len(extra) > 8 else "")
+            f"unexpected tensors: {', '.join(tensor_name(name) for name in extra[:8])}"
+            + (f" ... ({len(extra)} in all)" if len(extra) > 8 else "")
         )
     for name, shape in expected.items():
         entry = found[name]
