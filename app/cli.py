@@ -299,6 +299,8 @@ def serve(
         # SIGTERM: stop accepting, let accepted requests finish (the batcher keeps running until the
         # lifespan ends), then exit; requests still running after this deadline are cancelled.
         timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout_s)),
+        timeout_keep_alive=max(1, round(settings.keep_alive_timeout_s)),
+        limit_concurrency=settings.max_connections,
     )
 
 

@@ -67,6 +67,10 @@ class Overloaded(SpartanError):
         self.retry_after = retry_after
 
 
+class BodyTimeout(SpartanError):
+    """The client did not send its whole request body within the deadline (a slow or stalled client)."""
+
+
 class RequestTimeout(SpartanError):
     """A request waited in the queue or ran longer than its deadline."""
 

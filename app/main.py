@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from app.api import health, predict, tasks
 from app.api.deps import Services
 from app.api.errors import install_error_handlers
-from app.api.limits import DeclaredLengthLimit
+from app.api.limits import BodyDeadline, DeclaredLengthLimit
 from app.engine.backbone import load_backbone
 from app.engine.batcher import Batcher
 from app.engine.encoder import SpartanEncoder
@@ -72,6 +72,7 @@ def create_app(settings: Settings | None = None, *, encoder: SpartanEncoder | No
     for router in routers:
         app.include_router(router)
     app.add_middleware(DeclaredLengthLimit, routes=[route for router in routers for route in router.routes])
+    app.add_middleware(BodyDeadline, timeout_s=settings.body_timeout_s)
     return app
 
 

@@ -139,6 +139,21 @@ class Settings(BaseSettings):
         ge=0.0,
         description="How often the memory store is checked for added, changed or removed files; 0 = never.",
     )
+    body_timeout_s: float = Field(
+        default=30.0,
+        gt=0.0,
+        description="A request's whole body must arrive within this many seconds of its start; a slower "
+        "client gets 408 (a stalled upload cannot hold its connection and memory forever).",
+    )
+    max_connections: int = Field(
+        default=512,
+        ge=1,
+        description="Most concurrent connections and requests uvicorn accepts; beyond it, 503 at once "
+        "(a flood of idle or slow connections cannot exhaust file descriptors).",
+    )
+    keep_alive_timeout_s: float = Field(
+        default=5.0, gt=0.0, description="Idle keep-alive connections are closed after this many seconds."
+    )
     shutdown_timeout_s: float = Field(
         default=30.0,
         ge=0.0,

@@ -8,6 +8,9 @@ import pytest
 
 from app.settings import Settings
 
+# The API fixtures (memories on the real MiniLM, per-test settings, in-process apps) for every folder.
+pytest_plugins = ["api_fixtures"]
+
 
 @pytest.fixture(scope="session")
 def cache_dir() -> Path:

@@ -23,6 +23,7 @@ from app.errors import (
     AuthenticationRequired,
     BackboneError,
     BackboneMismatch,
+    BodyTimeout,
     InferenceFailed,
     InvalidInput,
     InvalidTaskName,
@@ -54,6 +55,7 @@ ERROR_STATUS: dict[type[SpartanError], int] = {
     TaskNotFound: 404,
     RoutingStatsDisabled: 404,
     PayloadTooLarge: 413,
+    BodyTimeout: 408,
     Overloaded: 429,
     AuthenticationRequired: 401,
     WritesDisabled: 403,
@@ -79,6 +81,7 @@ _STATUS_MEANING = {
     401: "Missing or wrong Bearer key",
     403: "Writes are disabled (no admin key configured)",
     404: "Unknown task",
+    408: "The request body did not arrive within SPARTAN_BODY_TIMEOUT_S",
     409: "Conflict: the task exists (replace not asked for, or If-Match differs), or another backbone",
     413: "Too large",
     422: "Invalid request, task name or memory file (the message says exactly what)",
@@ -148,6 +151,9 @@ async def _validation_error(request: Request, error: Exception) -> JSONResponse:
 
 async def _http_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, StarletteHTTPException)
+    if isinstance(error.__cause__, SpartanError):
+        # FastAPI wraps whatever interrupted its reading of the body (e.g. BodyTimeout) in a 400.
+        return await _domain_error(request, error.__cause__)
     if error.status_code == 400:
         # FastAPI's "error parsing the body" (bytes that are not JSON, or not UTF-8): an invalid request
         # like any other, so it gets the documented 422 and its type rather than a bare 400.
