@@ -28,6 +28,7 @@ CASES: Counter[str] = Counter()
 # with 422 for what a schema cannot express per task (a text pair sent to a single-text task, an
 # upload whose bytes are not a memory file).
 SEMANTIC = [positive_data_acceptance]
+LEAK_MARKERS = ("Traceback", 'File "', "site-packages", str(ROOT), "/tmp/")
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +48,16 @@ def replica(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replica]:
     print(f"\nschemathesis: {sum(CASES.values())} cases, {dict(CASES)}")
 
 
+@schemathesis.check
+def no_internals_in_the_body(ctx: Any, response: Any, case: schemathesis.Case) -> bool | None:
+    """Error bodies never carry a stack trace, a source path or the service's own folders."""
+    text = response.text if hasattr(response, "text") else str(response.content)
+    leaks = [marker for marker in LEAK_MARKERS if marker in text]
+    if leaks:
+        raise AssertionError(f"the response body leaks internals: {leaks}")
+    return None
+
+
 def fuzz_operation(operation: Any, mode: GenerationMode) -> None:
     """Hypothesis drives one operation: up to EXAMPLES_PER_MODE generated cases, each checked."""
 
@@ -56,7 +67,10 @@ def fuzz_operation(operation: Any, mode: GenerationMode) -> None:
     def run(case: schemathesis.Case) -> None:
         CASES[f"{case.method} {case.path} {mode.value}"] += 1
         case.call_and_validate(
-            headers={"Authorization": f"Bearer {ADMIN_KEY}"}, excluded_checks=SEMANTIC, timeout=30
+            headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+            excluded_checks=SEMANTIC,
+            additional_checks=[no_internals_in_the_body],
+            timeout=30,
         )
 
     run()
