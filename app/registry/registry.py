@@ -197,9 +197,9 @@ class Registry:
 
         Uploading the bytes the task already has is a no-op success (so retries are safe). Replacing
         an existing task needs `replace` or `if_match` equal to its current version ("*" matches any
-        existing version); otherwise MemoryConflict. The store write is conditional
-        on the stored file this check saw, so a writer elsewhere (another replica) that got there first
-        makes this one fail with StoreConflict instead of being overwritten silently.
+        existing version); otherwise MemoryConflict. The store write is conditional on the stored
+        file this check saw: a writer elsewhere (another replica) that got there first makes this
+        one fail with StoreConflict instead of being overwritten silently.
         """
         validate_task_name(task)
         started = time.perf_counter()
@@ -292,6 +292,22 @@ class Registry:
                 log.exception("task %s: cannot sync with the store", name)
         self._update_gauges()
 
+    def refresh_when_reachable(self, timeout_s: float, retry_every_s: float = 1.0) -> None:
+        """The first refresh at start: an object store that is still starting (compose, a new cluster)
+        gets `timeout_s` to answer before the service gives up (StoreUnavailable)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if removed := self.store.recover():
+                    log.warning("removed %d partial file(s) a crashed upload left in the store", removed)
+                self.refresh()
+                return
+            except StoreUnavailable as err:
+                if time.monotonic() >= deadline:
+                    raise
+                log.warning("memory store %s not reachable yet (%s); retrying", self.store.location, err)
+                time.sleep(retry_every_s)
+
     def start_polling(self, interval_s: float) -> None:
         if interval_s <= 0 or self._poller is not None:
             return
@@ -315,22 +331,6 @@ class Registry:
                 log.warning("pinned task %s is not served: %s", task, err)
 
     # ------------------------------------------------------------------------------------ internals
-
-    def refresh_when_reachable(self, timeout_s: float, retry_every_s: float = 1.0) -> None:
-        """The first refresh at start: an object store that is still starting (compose, a new cluster)
-        gets `timeout_s` to answer before the service gives up (StoreUnavailable)."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                if removed := self.store.recover():
-                    log.warning("removed %d partial file(s) a crashed upload left in the store", removed)
-                self.refresh()
-                return
-            except StoreUnavailable as err:
-                if time.monotonic() >= deadline:
-                    raise
-                log.warning("memory store %s not reachable yet (%s); retrying", self.store.location, err)
-                time.sleep(retry_every_s)
 
     def _poll(self, interval_s: float) -> None:
         while not self._poll_stop.wait(interval_s):
