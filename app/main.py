@@ -8,8 +8,10 @@ model and the registry are process state; several workers would each load their 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import gc
 import logging
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -32,6 +34,9 @@ from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# Threads of the loop's default executor: uploads, deletes and listings run their registry calls there
+# (predictions never do: they go to the batcher, and cold loads to the predictor's loader thread).
+ADMIN_THREADS = 4
 # How long a starting replica waits for its memory store (an S3 server starting beside it) to answer.
 STORE_START_TIMEOUT_S = 60.0
 
@@ -50,6 +55,7 @@ def create_app(settings: Settings | None = None, *, encoder: SpartanEncoder | No
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        asyncio.get_running_loop().set_default_executor(started_pool(ADMIN_THREADS, "spartan-admin"))
         services = await asyncio.to_thread(build_services, settings, metrics, encoder)
         # The backbone, tokenizer and registry are hundreds of thousands of long-lived objects: moved
         # out of the collector's reach, a full collection no longer walks them (it paused the event
@@ -81,6 +87,16 @@ def create_app(settings: Settings | None = None, *, encoder: SpartanEncoder | No
     app.add_middleware(DeclaredLengthLimit, routes=[route for router in routers for route in router.routes])
     app.add_middleware(BodyDeadline, timeout_s=settings.body_timeout_s)
     return app
+
+
+def started_pool(workers: int, name: str) -> concurrent.futures.ThreadPoolExecutor:
+    """A thread pool whose threads all exist from the start: a pool that grows on demand looks, over a
+    long run, exactly like a thread leak (and pays thread creation on the first busy moment)."""
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
+    barrier = threading.Barrier(workers)
+    for future in [pool.submit(barrier.wait) for _ in range(workers)]:
+        future.result()
+    return pool
 
 
 def build_services(settings: Settings, metrics: Metrics, encoder: SpartanEncoder | None) -> Services:
