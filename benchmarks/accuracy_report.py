@@ -12,7 +12,7 @@ from typing import Any
 METHOD_ORDER = ("head", "spartan", "pfeiffer", "houlsby", "lora", "ia3", "bitfit", "full")
 SETTINGS = (
     ("few", "few-shot (200 training examples)"),
-    ("full", "full training data"),
+    ("full", "training data up to 5,000 examples per task (all of TREC; a fixed subset elsewhere)"),
     ("smoke", "smoke run (tiny data: checks the pipeline, not accuracy)"),
 )
 
