@@ -243,3 +243,15 @@ def loopback_nginx_config(text: str, upstreams: list[str], port: int, workdir: P
     text, count = re.subn(r"^pid\s+[^;]+;", f"pid {workdir}/nginx.pid;", text, flags=re.M)
     assert count == 1, "deploy/nginx/nginx.conf: expected one `pid` line"
     return text
+
+
+def run_benchmark_smoke(script: str, out: Path, timeout_s: float = 400) -> None:
+    """`python benchmarks/<script> --smoke --out <out>`; fails with the tail of its output if it fails."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

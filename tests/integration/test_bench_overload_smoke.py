@@ -4,25 +4,16 @@ with 429 + Retry-After, nothing hangs, every outcome is one the service promises
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from procs import run_benchmark_smoke
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 
-def test_bench_overload_smoke(repo_root: Path, tmp_path: Path) -> None:
-    script = repo_root / "benchmarks" / "bench_overload.py"
-    done = subprocess.run(
-        [sys.executable, str(script), "--smoke", "--out", str(tmp_path)],
-        cwd=repo_root,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+def test_bench_overload_smoke(tmp_path: Path) -> None:
+    run_benchmark_smoke("bench_overload.py", tmp_path)
     result = json.loads((tmp_path / "overload.json").read_text())
     burst = result["overload"]
     assert result["capacity"]["rps"] > 0

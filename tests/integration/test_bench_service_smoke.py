@@ -4,25 +4,16 @@ process, the report, the plot."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from procs import run_benchmark_smoke
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 
-def test_bench_service_load_smoke(repo_root: Path, tmp_path: Path) -> None:
-    script = repo_root / "benchmarks" / "bench_service_load.py"
-    done = subprocess.run(
-        [sys.executable, str(script), "--smoke", "--out", str(tmp_path)],
-        cwd=repo_root,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+def test_bench_service_load_smoke(tmp_path: Path) -> None:
+    run_benchmark_smoke("bench_service_load.py", tmp_path)
     results = json.loads((tmp_path / "service_load.json").read_text())
     for popularity in ("zipf", "uniform"):
         run = results["service"][popularity]

@@ -4,25 +4,16 @@ delete traffic, /proc samples, every uploaded task deleted at the end; report an
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from procs import run_benchmark_smoke
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 
-def test_bench_soak_smoke(repo_root: Path, tmp_path: Path) -> None:
-    script = repo_root / "benchmarks" / "bench_soak.py"
-    done = subprocess.run(
-        [sys.executable, str(script), "--smoke", "--out", str(tmp_path)],
-        cwd=repo_root,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+def test_bench_soak_smoke(tmp_path: Path) -> None:
+    run_benchmark_smoke("bench_soak.py", tmp_path)
     result = json.loads((tmp_path / "soak.json").read_text())
     kinds = {key.split()[0] for key in result["outcomes"]}
     assert kinds == {"predict", "upload", "delete"}
