@@ -7,7 +7,6 @@ registry starting on it must serve exactly that version and leave no partial fil
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import signal
 import subprocess
@@ -57,13 +56,18 @@ def versions(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return paths
 
 
-def kill_writer_at_random(kind: str, location: str, versions: list[Path], rng: random.Random) -> None:
+def kill_writer_at_random(store_env: dict[str, str], versions: list[Path], rng: random.Random) -> None:
     """Start a writer and kill -9 it at a random moment: half the time anywhere in its upload loop
     (20-600 ms after start), half the time 0-5 ms into one of its store writes (the critical window,
     too short to hit often by chance)."""
-    command = [sys.executable, str(ROOT / "tests" / "reliability" / "crash_writer.py"), kind, location,
-               "task", *map(str, versions)]  # fmt: skip
-    writer = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, env={"PYTHONPATH": str(ROOT)})
+    command = [
+        sys.executable,
+        str(ROOT / "tests" / "reliability" / "crash_writer.py"),
+        "task",
+        *map(str, versions),
+    ]
+    env = {"PYTHONPATH": str(ROOT), **store_env}  # the writer's store comes from these SPARTAN_* settings
+    writer = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, env=env)
     assert writer.stdout is not None
     assert writer.stdout.readline().strip() == b"ready"
     if rng.random() < 0.5:
@@ -99,25 +103,25 @@ def test_kill_9_during_uploads_never_leaves_a_partial_or_missing_version(
 ) -> None:
     allowed = {sha(path.read_bytes()) for path in versions}
     store: MemoryStore
+    location = tmp_path / "store"
     if kind == "local":
-        location = str(tmp_path / "store")
-        store = LocalFolderStore(Path(location))
+        store_env = {"SPARTAN_MEMORY_DIR": str(location)}
+        store = LocalFolderStore(location)
     else:
         seaweed: Any = request.getfixturevalue("seaweed")
         prefix = f"crash-{uuid.uuid4().hex[:8]}/"
-        location = json.dumps({"endpoint": seaweed.endpoint, "bucket": seaweed.bucket, "prefix": prefix,
-                               "key": seaweed.ACCESS_KEY, "secret": seaweed.SECRET_KEY})  # fmt: skip
+        store_env = seaweed.settings_env(seaweed.bucket, prefix)
         store = S3Store(seaweed.client(), seaweed.bucket, prefix)
     rng = random.Random(f"crash-{kind}")
     seen: list[str | None] = []
     mid_write = 0  # kills that left a partial temp file (local store: the write was cut mid-way)
     for _ in range(KILLS_PER_STORE):
-        kill_writer_at_random(kind, location, versions, rng)
+        kill_writer_at_random(store_env, versions, rng)
         if kind == "local":
-            mid_write += any(Path(location).glob("*.tmp"))
+            mid_write += any(location.glob("*.tmp"))
         seen.append(check_store_after_crash(store, allowed))
         if kind == "local":
-            leftovers = [p.name for p in Path(location).iterdir() if p.name.endswith(".tmp")]
+            leftovers = [p.name for p in location.iterdir() if p.name.endswith(".tmp")]
             assert leftovers == [], f"partial files left after recovery: {leftovers}"
         assert seen[-1] is not None or all(v is None for v in seen), "a version vanished after a crash"
     distinct = len({v for v in seen if v})
