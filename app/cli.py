@@ -275,8 +275,7 @@ def serve(
     Every option also reads its SPARTAN_* environment variable; keys are read only from the
     environment (SPARTAN_ADMIN_API_KEY, SPARTAN_PREDICT_API_KEY), never from flags: flags show in `ps`.
     """
-    import uvicorn
-
+    from app.http_server import serve_http
     from app.main import create_app
 
     overrides = {
@@ -290,18 +289,7 @@ def serve(
         _fail(err)
         return
     logging.getLogger().setLevel(settings.log_level.upper())
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        workers=1,
-        log_level=settings.log_level,
-        # SIGTERM: stop accepting, let accepted requests finish (the batcher keeps running until the
-        # lifespan ends), then exit; requests still running after this deadline are cancelled.
-        timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout_s)),
-        timeout_keep_alive=max(1, round(settings.keep_alive_timeout_s)),
-        limit_concurrency=settings.max_connections,
-    )
+    serve_http(create_app(settings), settings)
 
 
 def main() -> None:

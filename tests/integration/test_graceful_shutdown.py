@@ -3,8 +3,10 @@ had accepted (queued ones included), and exits cleanly within its shutdown deadl
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -34,19 +36,52 @@ def client_loop(url: str, stop: threading.Event, outcomes: list[tuple[float, str
             return
 
 
-def test_sigterm_under_load_drops_no_accepted_request(tmp_path: Path) -> None:
+def draining_replica(tmp_path: Path) -> Replica:
     store = tmp_path / "memories"
     shutil.copytree(ROOT / "memories", store)
-    replica = Replica(
-        "drain",
-        {
-            "SPARTAN_MEMORY_DIR": str(store),
-            "SPARTAN_STORE_POLL_INTERVAL_S": "0",
-            "SPARTAN_MAX_BATCH_SIZE": "8",
-            "SPARTAN_SHUTDOWN_TIMEOUT_S": "30",
-        },
-        tmp_path,
-    ).start_ready()
+    env = {
+        "SPARTAN_MEMORY_DIR": str(store),
+        "SPARTAN_STORE_POLL_INTERVAL_S": "0",
+        "SPARTAN_MAX_BATCH_SIZE": "8",
+        "SPARTAN_SHUTDOWN_TIMEOUT_S": "30",
+    }
+    return Replica("drain", env, tmp_path).start_ready()
+
+
+def raw_predict_request(port: int) -> bytes:
+    body = json.dumps({"inputs": TEXTS}).encode()
+    head = (
+        f"POST /v1/tasks/sentiment/predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def test_request_arriving_just_after_sigterm_on_an_accepted_connection_is_answered(tmp_path: Path) -> None:
+    """The race CI caught: the client connected before the signal, its request bytes came after.
+
+    Plain uvicorn closes such a connection unanswered; the service gives its request time to arrive.
+    """
+    replica = draining_replica(tmp_path)
+    try:
+        with socket.create_connection(("127.0.0.1", replica.port), timeout=30) as conn:
+            time.sleep(0.3)  # the server has accepted the connection; no request yet
+            replica.send(signal.SIGTERM)
+            time.sleep(0.1)  # the signal is being handled: the listener closes
+            conn.sendall(raw_predict_request(replica.port))
+            answer = b"".join(iter(lambda: conn.recv(65536), b""))
+        assert replica.wait(40) in (0, -signal.SIGTERM)
+    finally:
+        replica.stop(signal.SIGKILL)
+    status_line, _, body = answer.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 200 OK", answer[:300]
+    assert json.loads(body.partition(b"\r\n\r\n")[2])["task"] == "sentiment"
+    with pytest.raises(httpx.ConnectError):  # and new connections are refused
+        httpx.get(f"{replica.url}/livez", timeout=5)
+
+
+def test_sigterm_under_load_drops_no_accepted_request(tmp_path: Path) -> None:
+    replica = draining_replica(tmp_path)
     stop = threading.Event()
     outcomes: list[tuple[float, str]] = []
     threads = [
