@@ -67,7 +67,7 @@ def test_request_arriving_just_after_sigterm_on_an_accepted_connection_is_answer
         with socket.create_connection(("127.0.0.1", replica.port), timeout=30) as conn:
             time.sleep(0.3)  # the server has accepted the connection; no request yet
             replica.send(signal.SIGTERM)
-            time.sleep(0.1)  # the signal is being handled: the listener closes
+            time.sleep(0.1)  # the signal is being handled: new handshakes stop
             conn.sendall(raw_predict_request(replica.port))
             answer = b"".join(iter(lambda: conn.recv(65536), b""))
         assert replica.wait(40) in (0, -signal.SIGTERM)
