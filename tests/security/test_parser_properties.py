@@ -27,6 +27,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from tiny_memories import BACKBONE, make_memory
 
 import app.spartan.memfile as memfile
 from app.errors import MemoryInvalid
@@ -40,7 +41,7 @@ from app.spartan.memfile import (
     parse_spec,
     read_header,
 )
-from app.spartan.memory import LayerNormOverride, MemorySpec, TaskMemory, layernorm_key
+from app.spartan.memory import MemorySpec, TaskMemory
 
 EXAMPLES = 300
 PROPERTY = settings(
@@ -50,33 +51,7 @@ PROPERTY = settings(
     deadline=timedelta(seconds=2),  # a hang or a quadratic blow-up fails the example
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-LN_NAMES = ("embeddings.LayerNorm", "encoder.layer.0.output.LayerNorm")
-BACKBONE = BackboneIdentity(
-    fingerprint="f" * 64, num_layers=2, hidden_size=8, name="tiny", layernorm_names=(*LN_NAMES, "x.LayerNorm")
-)
-
-
-def tiny_memory() -> TaskMemory:
-    spec = MemorySpec(
-        num_layers=2,
-        hidden_size=8,
-        num_parents=4,
-        num_children=2,
-        top_k=2,
-        labels=("neg", "pos", "neutral"),
-        backbone_id="tiny",
-        backbone_fingerprint="f" * 64,
-        layernorm_names=LN_NAMES,
-        training={"dataset": "unit", "dev": {"accuracy": 0.5}},
-    )
-    memory = TaskMemory(spec)
-    for name in LN_NAMES:
-        memory.layernorms[layernorm_key(name)] = LayerNormOverride(torch.randn(8), torch.randn(8))
-    return memory
-
-
-torch.manual_seed(0)
-VALID = memory_to_bytes(tiny_memory())
+VALID = memory_to_bytes(make_memory(training={"dataset": "unit", "dev": {"accuracy": 0.5}}))
 (VALID_HEADER_SIZE,) = struct.unpack("<Q", VALID[:8])
 VALID_HEADER: dict[str, Any] = json.loads(VALID[8 : 8 + VALID_HEADER_SIZE])
 VALID_BODY = VALID[8 + VALID_HEADER_SIZE :]

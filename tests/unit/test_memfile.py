@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 import pickle
 import struct
-from dataclasses import replace
 
 import pytest
 import torch
 from safetensors.torch import save as save_safetensors
+from tiny_memories import BACKBONE, make_memory
 
 from app.errors import BackboneMismatch, MemoryInvalid
 from app.spartan.memfile import (
-    BackboneIdentity,
     load_memory,
     load_memory_file,
     memory_tensors,
@@ -21,35 +20,7 @@ from app.spartan.memfile import (
     save_memory,
     spec_metadata,
 )
-from app.spartan.memory import LayerNormOverride, MemorySpec, TaskMemory, layernorm_key
-
-LN_NAMES = ("embeddings.LayerNorm", "encoder.layer.0.output.LayerNorm")
-BACKBONE = BackboneIdentity(
-    fingerprint="f" * 64,
-    num_layers=2,
-    hidden_size=8,
-    name="tiny",
-    layernorm_names=(*LN_NAMES, "other.LayerNorm"),
-)
-
-
-def make_memory(**changes) -> TaskMemory:
-    spec = MemorySpec(
-        num_layers=2,
-        hidden_size=8,
-        num_parents=4,
-        num_children=2,
-        top_k=2,
-        labels=("neg", "pos", "neutral"),
-        backbone_id="tiny",
-        backbone_fingerprint="f" * 64,
-        layernorm_names=LN_NAMES,
-        training={"dataset": "unit"},
-    )
-    memory = TaskMemory(replace(spec, **changes))
-    for name in memory.spec.layernorm_names:
-        memory.layernorms[layernorm_key(name)] = LayerNormOverride(torch.randn(8), torch.randn(8))
-    return memory
+from app.spartan.memory import TaskMemory
 
 
 def rebuild(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
