@@ -117,13 +117,11 @@ def _load_data(
 
 
 def _encoder(settings: Settings) -> SpartanEncoder:
-    import torch
-
     from app.engine.backbone import load_backbone
     from app.engine.encoder import SpartanEncoder
+    from app.engine.process import configure_torch_threads
 
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
+    configure_torch_threads(settings.torch_threads)  # this command is the process: its start
     return SpartanEncoder(load_backbone(settings.backbone, settings.cache_dir))
 
 
@@ -275,6 +273,7 @@ def serve(
     Every option also reads its SPARTAN_* environment variable; keys are read only from the
     environment (SPARTAN_ADMIN_API_KEY, SPARTAN_PREDICT_API_KEY), never from flags: flags show in `ps`.
     """
+    from app.engine.process import configure_torch_threads
     from app.http_server import serve_http
     from app.main import create_app
 
@@ -289,6 +288,7 @@ def serve(
         _fail(err)
         return
     logging.getLogger().setLevel(settings.log_level.upper())
+    configure_torch_threads(settings.torch_threads)  # once, at process start, before any torch work
     serve_http(create_app(settings), settings)
 
 

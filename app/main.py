@@ -123,7 +123,6 @@ def build_services(settings: Settings, metrics: Metrics, encoder: SpartanEncoder
         max_queue_rows=settings.max_queue_rows,
         request_timeout_s=settings.request_timeout_s,
         bucket_overhead_tokens=settings.bucket_overhead_tokens,
-        torch_threads=settings.torch_threads,
         metrics=metrics,
     )
     batcher.start()

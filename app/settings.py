@@ -66,7 +66,10 @@ class Settings(BaseSettings):
         default=10.0, gt=0.0, description="Connect and read timeout of one S3 call, in seconds."
     )
     torch_threads: int | None = Field(
-        default=None, ge=1, description="torch intra-op threads; unset = torch's default (all cores)."
+        default=None,
+        ge=1,
+        description="torch intra-op threads, set once at process start by the `spartan` commands; unset = "
+        "torch's default (all cores). Under a bare `uvicorn --factory`, set OMP_NUM_THREADS instead.",
     )
 
     # ------------------------------------------------------------------------------------- service

@@ -9,7 +9,7 @@ import pytest
 from app.settings import Settings
 
 # The API fixtures (memories on the real MiniLM, per-test settings, in-process apps) for every folder.
-pytest_plugins = ["api_fixtures"]
+pytest_plugins = ["api_fixtures", "global_state"]
 
 
 @pytest.fixture(scope="session")

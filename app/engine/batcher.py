@@ -22,8 +22,6 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import torch
-
 from app.engine.runner import PreparedRow, Row, RowOutput, Runner
 from app.errors import InferenceFailed, NotReady, Overloaded, RequestTimeout
 from app.metrics import Metrics
@@ -132,7 +130,6 @@ class Batcher:
         max_queue_rows: int = 2048,
         request_timeout_s: float = 30.0,
         bucket_overhead_tokens: int = 64,
-        torch_threads: int | None = None,
         stall_after_s: float = 120.0,
         metrics: Metrics | None = None,
     ) -> None:
@@ -142,7 +139,6 @@ class Batcher:
         self.max_queue_rows = max_queue_rows
         self.request_timeout_s = request_timeout_s
         self.bucket_overhead_tokens = bucket_overhead_tokens
-        self.torch_threads = torch_threads
         self.stall_after_s = stall_after_s
         self.metrics = metrics or Metrics()
         self._queue: deque[QueuedRequest] = deque()
@@ -238,8 +234,6 @@ class Batcher:
     # --------------------------------------------------------------------------------- the worker
 
     def _loop(self) -> None:
-        if self.torch_threads:
-            torch.set_num_threads(self.torch_threads)
         while not self._stopping:
             # Per batch, not around the loop: whatever one batch does, the next one runs.
             batch: list[QueuedRequest] = []

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 import torch
+from parity import assert_f32_close
 
 from app.spartan.memfile import memory_to_bytes
 
@@ -68,7 +69,7 @@ def test_api_prediction_equals_eval_path_scoring(
     predictions = asyncio.run(scenario())
     labels = memory.spec.labels
     served = torch.tensor([[p["scores"][label] for label in labels] for p in predictions])
-    torch.testing.assert_close(served, expected, atol=1e-5, rtol=0)
+    assert_f32_close(served, expected)
     assert [p["label"] for p in predictions] == [labels[i] for i in expected.argmax(-1).tolist()]
     assert [p["score"] for p in predictions] == pytest.approx(expected.max(-1).values.tolist(), abs=1e-5)
 

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from parity import assert_f32_close
 from transformers import (
     AutoModel,
     BertConfig,
@@ -73,12 +74,10 @@ def test_mixed_batch_rows_equal_each_row_served_alone(minilm_encoder):
     mixed = run(minilm_encoder, TEXTS, groups)
     for group, outputs in zip(groups, mixed, strict=True):
         for row, output in zip(group.rows.tolist(), outputs, strict=True):
-            torch.testing.assert_close(
-                output, alone(minilm_encoder, group.memory, TEXTS[row]), atol=1e-5, rtol=0
-            )
+            assert_f32_close(output, alone(minilm_encoder, group.memory, TEXTS[row]))
     # Single-task batch of the same rows: same numbers again.
     single = run(minilm_encoder, TEXTS, [RowGroup(first, torch.arange(5))])[0]
-    torch.testing.assert_close(single[[0, 3]], mixed[0], atol=1e-5, rtol=0)
+    assert_f32_close(single[[0, 3]], mixed[0])
 
 
 @pytest.mark.model
@@ -88,7 +87,7 @@ def test_memory_changes_the_backbone_and_zero_memory_is_the_identity(minilm_enco
     with torch.inference_mode():
         bare = minilm_encoder.forward(encoding, [RowGroup(None, torch.arange(3))]).pooled
         raw = minilm_encoder.backbone.model(**encoding).last_hidden_state
-    torch.testing.assert_close(bare, pool(raw, encoding["attention_mask"], "mean"))
+    assert_f32_close(bare, pool(raw, encoding["attention_mask"], "mean"))
     memory = perturbed_memory(minilm_encoder, 4, layernorm=False)
     with torch.no_grad():
         for layer in memory.memory_layers():
@@ -98,7 +97,7 @@ def test_memory_changes_the_backbone_and_zero_memory_is_the_identity(minilm_enco
         active = minilm_encoder.forward(
             encoding, [RowGroup(perturbed_memory(minilm_encoder, 5), torch.arange(3))]
         )
-    torch.testing.assert_close(zero, bare, atol=1e-6, rtol=0)
+    assert_f32_close(zero, bare)
     assert (active.pooled - bare).abs().max() > 1e-2
 
 
@@ -114,8 +113,8 @@ def test_task_layernorm_is_applied_per_row(minilm_encoder):
     mixed = run(
         minilm_encoder, TEXTS[:2], [RowGroup(plain, torch.tensor([0])), RowGroup(with_ln, torch.tensor([1]))]
     )
-    torch.testing.assert_close(mixed[0][0], alone(minilm_encoder, plain, TEXTS[0]), atol=1e-5, rtol=0)
-    torch.testing.assert_close(mixed[1][0], alone(minilm_encoder, with_ln, TEXTS[1]), atol=1e-5, rtol=0)
+    assert_f32_close(mixed[0][0], alone(minilm_encoder, plain, TEXTS[0]))
+    assert_f32_close(mixed[1][0], alone(minilm_encoder, with_ln, TEXTS[1]))
     assert (
         alone(minilm_encoder, with_ln, TEXTS[1]) - alone(minilm_encoder, plain, TEXTS[1])
     ).abs().max() > 1e-3
@@ -200,7 +199,7 @@ def test_memories_go_after_every_layer_of_every_family(family):
         expected = reference(**encoding).last_hidden_state[:, 0]
         bare = encoder.forward(encoding, [RowGroup(None, torch.arange(2))]).pooled
     # Wrapping the LayerNorms and hooking the layers changes nothing by itself.
-    torch.testing.assert_close(bare, expected, atol=1e-6, rtol=0)
+    assert_f32_close(bare, expected)
     memory = perturbed_memory(encoder, 9, labels=("x", "y"))
     with torch.inference_mode():
         out = encoder.forward(encoding, [RowGroup(memory, torch.arange(2))], record_routing=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from parity import assert_f32_close
 
 from app.spartan.layer import dense_memory, load_balancing_loss, memory_forward, sparse_memory
 
@@ -56,9 +57,9 @@ def test_fast_memory_matches_reference_outputs_and_gradients(impl, parents, chil
     upstream = torch.randn(12, 10, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     ref_out, ref_grads = grads(reference_memory, params, top_k, temperature, upstream)
     out, fast_grads = grads(impl, params, top_k, temperature, upstream)
-    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=0)
+    assert_f32_close(out, ref_out)
     for name, got, want in zip(("h", "P", "K", "V"), fast_grads, ref_grads, strict=True):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=0, msg=f"gradient of {name}")
+        assert_f32_close(got, want, msg=f"gradient of {name}")
 
 
 def test_sparse_and_dense_agree_at_scale_in_float32():
@@ -67,7 +68,7 @@ def test_sparse_and_dense_agree_at_scale_in_float32():
     sparse = sparse_memory(*params, 8, 1.6)
     dense = dense_memory(*params, 8, 1.6)
     assert torch.equal(sparse.parents, dense.parents)
-    torch.testing.assert_close(sparse.update, dense.update, atol=1e-5, rtol=0)
+    assert_f32_close(sparse.update, dense.update)
 
 
 def test_unchosen_parents_get_no_gradient():
@@ -128,8 +129,8 @@ def test_memory_layer_inference_cache_follows_in_place_updates():
         layer.child_values.mul_(3.0)  # an in-place update (e.g. a reload) must invalidate the cache
         after = layer(h).update
     reference = reference_memory(h, layer.parent_keys, layer.child_keys, layer.child_values, 2, 1.6).detach()
-    torch.testing.assert_close(after, reference, atol=1e-5, rtol=0)
-    torch.testing.assert_close(after, cached * 3.0, atol=1e-5, rtol=0)
+    assert_f32_close(after, reference)
+    assert_f32_close(after, cached * 3.0)
 
 
 def test_memory_layer_inference_cache_follows_parent_key_updates():
@@ -142,4 +143,4 @@ def test_memory_layer_inference_cache_follows_parent_key_updates():
         layer.parent_keys.mul_(-1.0)  # flips which parents win: a stale cache would pick the old ones
         served = layer(h)
     reference = reference_memory(h, layer.parent_keys, layer.child_keys, layer.child_values, 2, 1.6).detach()
-    torch.testing.assert_close(served.update, reference, atol=1e-5, rtol=0)
+    assert_f32_close(served.update, reference)

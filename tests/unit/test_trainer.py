@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from parity import assert_f32_close
 
 from app.engine.encoder import RowGroup
 from app.spartan.memory import MemorySpec, TaskMemory
@@ -26,4 +27,4 @@ def test_predict_outputs_keeps_input_order_even_for_repeated_objects(minilm_enco
             for ex in (long, short)
         ]
     for row, ex in enumerate(examples):
-        torch.testing.assert_close(outputs[row], alone[0 if ex is long else 1], atol=1e-5, rtol=0)
+        assert_f32_close(outputs[row], alone[0 if ex is long else 1])
