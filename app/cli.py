@@ -116,13 +116,16 @@ def _load_data(
     )
 
 
-def _encoder(settings: Settings) -> SpartanEncoder:
-    from app.engine.backbone import load_backbone
+def _encoder(settings: Settings, *, serving_precision: bool) -> SpartanEncoder:
+    """The encoder of this command: `eval` scores at the service's precision (so its labels are the
+    served ones); `train` always runs the backbone in float32 (gradients flow through it)."""
+    from app.engine.backbone import load_backbone, resolve_precision
     from app.engine.encoder import SpartanEncoder
     from app.engine.process import configure_torch_threads
 
     configure_torch_threads(settings.torch_threads)  # this command is the process: its start
-    return SpartanEncoder(load_backbone(settings.backbone, settings.cache_dir))
+    precision = resolve_precision(settings.precision) if serving_precision else "fp32"
+    return SpartanEncoder(load_backbone(settings.backbone, settings.cache_dir, precision=precision))
 
 
 @cli.command()
@@ -174,7 +177,7 @@ def train(
         )  # fmt: skip
         if few_shot:
             data = take_few_shot(data, few_shot, seed=seed)
-        encoder = _encoder(settings)
+        encoder = _encoder(settings, serving_precision=False)
         config = TrainConfig(
             epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, seed=seed,
             num_parents=parents, num_children=children, top_k=top_k, temperature=temperature,
@@ -229,7 +232,7 @@ def eval_memory(
             settings.cache_dir, dataset, train_file, dev_file, test_file, glue,
             text_column, pair_column, label_column, task_type, seed,
         )  # fmt: skip
-        encoder = _encoder(settings)
+        encoder = _encoder(settings, serving_precision=True)
         memory = load_memory_file(memory_file, encoder.identity())
         if memory.spec.labels != data.labels:
             _fail(SpartanError(f"memory labels {list(memory.spec.labels)} differ from the dataset's"))

@@ -93,3 +93,8 @@ class WritesDisabled(SpartanError):
 
 class InferenceFailed(SpartanError):
     """The forward pass of the batch holding this request raised; other batches are unaffected."""
+
+
+class NonFiniteOutput(InferenceFailed):
+    """The task's memory produced a non-finite score for an input (an overflowing memory); only the
+    request holding that input fails."""

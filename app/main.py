@@ -21,7 +21,7 @@ from app.api import health, predict, tasks
 from app.api.deps import Services
 from app.api.errors import install_error_handlers
 from app.api.limits import BodyDeadline, DeclaredLengthLimit
-from app.engine.backbone import load_backbone
+from app.engine.backbone import load_backbone, resolve_precision
 from app.engine.batcher import Batcher
 from app.engine.encoder import SpartanEncoder
 from app.engine.predictor import InputLimits, Predictor
@@ -101,7 +101,8 @@ def started_pool(workers: int, name: str) -> concurrent.futures.ThreadPoolExecut
 
 def build_services(settings: Settings, metrics: Metrics, encoder: SpartanEncoder | None) -> Services:
     if encoder is None:
-        encoder = SpartanEncoder(load_backbone(settings.backbone, settings.cache_dir))
+        precision = resolve_precision(settings.precision)
+        encoder = SpartanEncoder(load_backbone(settings.backbone, settings.cache_dir, precision=precision))
     metrics.set_build_info(encoder.backbone.name, encoder.backbone.fingerprint)
     registry = Registry(
         open_store(settings),
@@ -121,6 +122,7 @@ def build_services(settings: Settings, metrics: Metrics, encoder: SpartanEncoder
         max_batch_size=settings.max_batch_size,
         max_wait_s=settings.max_wait_ms / 1000,
         max_queue_rows=settings.max_queue_rows,
+        max_queue_work_s=settings.max_queue_work_s,
         request_timeout_s=settings.request_timeout_s,
         bucket_overhead_tokens=settings.bucket_overhead_tokens,
         metrics=metrics,

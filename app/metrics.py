@@ -107,6 +107,11 @@ class Metrics:
         self.batch_failures = Counter(
             "spartan_batch_failures", "Forward passes that raised (their requests got a 500).", registry=r
         )
+        self.nonfinite_outputs = Counter(
+            "spartan_nonfinite_outputs",
+            "Rows whose task memory produced a non-finite score (their requests got a 500, never a null).",
+            registry=r,
+        )
         self.memory_loads = Counter(
             "spartan_memory_loads",
             "Task memory loads by source (store, upload) and outcome (ok, invalid).",

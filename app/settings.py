@@ -65,6 +65,12 @@ class Settings(BaseSettings):
     s3_timeout_s: float = Field(
         default=10.0, gt=0.0, description="Connect and read timeout of one S3 call, in seconds."
     )
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        default="auto",
+        description="Precision of the backbone's weights and matmuls when serving (and in `spartan eval`): "
+        "`auto` = bf16 on CPUs with native bfloat16 (AVX512-BF16 or AMX), else fp32. Memories and heads "
+        "always run in fp32. Training runs the backbone in fp32.",
+    )
     torch_threads: int | None = Field(
         default=None,
         ge=1,
@@ -105,6 +111,14 @@ class Settings(BaseSettings):
         default=2048,
         ge=1,
         description="Most rows waiting in the queue; a request that does not fit gets 429 with Retry-After.",
+    )
+    max_queue_work_s: float = Field(
+        default=10.0,
+        gt=0.0,
+        description="Admission by cost: a request is refused at once (429 + Retry-After) when the work "
+        "queued ahead of it plus its own, estimated from its characters (capped at the task's max_length "
+        "tokens) at the pace measured on recent batches, exceeds this many seconds. Keep it well below "
+        "request_timeout_s, so accepted requests finish within their deadline.",
     )
     request_timeout_s: float = Field(
         default=30.0, gt=0.0, description="Deadline of a prediction request, queueing included (then 504)."
@@ -189,6 +203,16 @@ class Settings(BaseSettings):
     def _s3_needs_a_bucket(self) -> Settings:
         if self.store == "s3" and not self.s3_bucket:
             raise ValueError("store = s3 needs s3_bucket (SPARTAN_S3_BUCKET)")
+        return self
+
+    @model_validator(mode="after")
+    def _queued_work_fits_deadline(self) -> Settings:
+        # Work admitted beyond the deadline would be accepted only to time out.
+        if self.max_queue_work_s >= self.request_timeout_s:
+            raise ValueError(
+                f"max_queue_work_s ({self.max_queue_work_s}) must be below request_timeout_s "
+                f"({self.request_timeout_s})"
+            )
         return self
 
     @model_validator(mode="after")

@@ -7,6 +7,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -17,6 +18,9 @@ from app.errors import AssetError, BackboneError
 from app.spartan.memory import Pooling
 
 log = logging.getLogger(__name__)
+
+Precision = Literal["bf16", "fp32"]
+_DTYPES: dict[Precision, torch.dtype] = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 # Config fields that define the computation; the rest (paths, versions, dtype hints) varies harmlessly.
 _FINGERPRINT_CONFIG_KEYS = (
@@ -46,7 +50,11 @@ class Backbone:
     tokenizer: PreTrainedTokenizerBase
     layers: list[nn.Module]  # the Transformer layers, in order; a memory goes after each
     pooling: Pooling
-    fingerprint: str
+    fingerprint: str  # of the float32 weights as loaded: one backbone is one identity at any precision
+
+    @property
+    def precision(self) -> Precision:
+        return "bf16" if next(self.model.parameters()).dtype == torch.bfloat16 else "fp32"
 
     @property
     def hidden_size(self) -> int:
@@ -128,8 +136,33 @@ def resolve_backbone_path(name_or_path: str, cache_dir: Path) -> str:
     return name_or_path
 
 
-def load_backbone(name_or_path: str, cache_dir: Path, *, pooling: Pooling | None = None) -> Backbone:
-    """Load, freeze and fingerprint an encoder. Raises BackboneError with a readable reason."""
+def bf16_is_native() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX); elsewhere torch emulates
+    it, slower than float32."""
+    cpu = torch.backends.cpu
+    capability = cpu.get_cpu_capability() if hasattr(cpu, "get_cpu_capability") else ""
+    supported = (
+        getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+        or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    )
+    return bool(supported) and capability.startswith("AVX512")
+
+
+def resolve_precision(setting: str) -> Precision:
+    """`auto` -> bf16 where the CPU has native bfloat16, else fp32; bf16 and fp32 are taken as given."""
+    if setting == "auto":
+        return "bf16" if bf16_is_native() else "fp32"
+    if setting not in _DTYPES:
+        raise BackboneError(f"unknown precision {setting!r}: auto, bf16 or fp32")
+    return setting
+
+
+def load_backbone(
+    name_or_path: str, cache_dir: Path, *, pooling: Pooling | None = None, precision: Precision = "fp32"
+) -> Backbone:
+    """Load, freeze and fingerprint an encoder, its weights in `precision` (the fingerprint is always of
+    the float32 weights, so memory files match the backbone at any precision). Raises BackboneError
+    with a readable reason."""
     try:
         source = resolve_backbone_path(name_or_path, cache_dir)
     except AssetError as err:
@@ -153,13 +186,16 @@ def load_backbone(name_or_path: str, cache_dir: Path, *, pooling: Pooling | None
         pooling=pooling or detect_pooling(folder),
         fingerprint=fingerprint(model),
     )
+    if precision != "fp32":
+        model.to(_DTYPES[precision])
     log.info(
-        "backbone %s: %s, %d layers, hidden %d, pooling %s, fingerprint %s",
+        "backbone %s: %s, %d layers, hidden %d, pooling %s, %s, fingerprint %s",
         name_or_path,
         config.model_type,
         backbone.num_layers,
         backbone.hidden_size,
         backbone.pooling,
+        precision,
         backbone.fingerprint[:12],
     )
     return backbone

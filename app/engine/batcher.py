@@ -6,9 +6,14 @@
   `max_wait_s` after the oldest request arrived for a batch to fill.
 * Rows of one batch are sorted by token length and cut into forward passes where that saves more
   padding than a pass costs (`plan_passes`).
-* A failing pass fails only the requests with rows in it; the loop itself catches everything per batch,
-  so it cannot die of a bad batch. A full queue is refused at once (Overloaded -> 429); a request
-  that outlives its deadline gets RequestTimeout; a cancelled request is skipped.
+* A failing pass fails only the requests with rows in it, and a row that fails on its own (the
+  tokenizer refuses it, or its memory overflows to a non-finite score) fails only its own request; the
+  loop itself catches everything per batch, so it cannot die of a bad batch.
+* Admission is by cost, not by count: each request's work is estimated in padded tokens when it is
+  queued, and a request is refused at once (Overloaded -> 429 with Retry-After) when the queued work
+  ahead of it plus its own would take longer than `max_queue_work_s` at the pace measured on recent
+  batches, so what is accepted finishes within its deadline. A request that outlives its deadline
+  gets RequestTimeout; a cancelled request is skipped.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from app.engine.runner import PreparedRow, Row, RowOutput, Runner
-from app.errors import InferenceFailed, NotReady, Overloaded, RequestTimeout
+from app.errors import InferenceFailed, NonFiniteOutput, NotReady, Overloaded, RequestTimeout, SpartanError
 from app.metrics import Metrics
 from app.spartan.memory import TaskMemory
 
@@ -33,6 +38,22 @@ TextInput = tuple[str, str | None]  # a text, and its pair for pair tasks
 
 # Above this many rows the exact pass planner (quadratic) gives way to fixed-size chunks.
 _EXACT_PLAN_MAX_ROWS = 512
+# Cost estimate at admission, before tokenising: English WordPiece/BPE averages ~4-5 characters a token;
+# 4 errs towards overestimating the work. Plus the special tokens ([CLS], [SEP]) every row carries.
+_CHARS_PER_TOKEN = 4
+_SPECIAL_TOKENS = 3
+# The pace (seconds per padded token) assumed until the first batches are measured: MiniLM fp32 on
+# 2 cores; the moving average replaces it within a few batches.
+_INITIAL_SECONDS_PER_TOKEN = 2e-4
+
+
+def estimated_tokens(inputs: Sequence[TextInput], max_length: int) -> int:
+    """The padded-token cost of a request's rows, from their characters, capped at the task's max_length."""
+    total = 0
+    for text, pair in inputs:
+        chars = len(text) + len(pair or "")
+        total += min(max_length, chars // _CHARS_PER_TOKEN + _SPECIAL_TOKENS)
+    return total
 
 
 @dataclass(frozen=True)
@@ -77,6 +98,7 @@ class QueuedRequest:
     record_routing: bool
     enqueued_at: float
     deadline: float
+    cost_tokens: int = 0  # estimated padded tokens of its rows (admission by cost)
     future: concurrent.futures.Future[RequestResult] = field(default_factory=concurrent.futures.Future)
 
     @property
@@ -128,6 +150,7 @@ class Batcher:
         max_batch_size: int = 32,
         max_wait_s: float = 0.005,
         max_queue_rows: int = 2048,
+        max_queue_work_s: float = 10.0,
         request_timeout_s: float = 30.0,
         bucket_overhead_tokens: int = 64,
         stall_after_s: float = 120.0,
@@ -137,12 +160,15 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue_rows = max_queue_rows
+        self.max_queue_work_s = max_queue_work_s
         self.request_timeout_s = request_timeout_s
         self.bucket_overhead_tokens = bucket_overhead_tokens
         self.stall_after_s = stall_after_s
         self.metrics = metrics or Metrics()
         self._queue: deque[QueuedRequest] = deque()
         self._queued_rows = 0
+        self._queued_tokens = 0
+        self._seconds_per_token = _INITIAL_SECONDS_PER_TOKEN  # moving average, for admission
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -167,6 +193,7 @@ class Batcher:
             pending = list(self._queue)
             self._queue.clear()
             self._queued_rows = 0
+            self._queued_tokens = 0
             self._cond.notify_all()
         for request in pending:
             _fail(request, NotReady("the service is shutting down"))
@@ -211,25 +238,44 @@ class Batcher:
         self, task: str, memory: TaskMemory, inputs: Sequence[TextInput], *, record_routing: bool = False
     ) -> QueuedRequest:
         now = time.monotonic()
-        request = QueuedRequest(task, memory, inputs, record_routing, now, now + self.request_timeout_s)
+        cost = estimated_tokens(inputs, memory.spec.max_length)
+        request = QueuedRequest(
+            task, memory, inputs, record_routing, now, now + self.request_timeout_s, cost_tokens=cost
+        )
         with self._cond:
             if self._stopping or self._thread is None:
                 raise NotReady("the batch worker is not running")
-            if self._queued_rows + request.rows > self.max_queue_rows:
-                raise Overloaded(
-                    f"the queue is full ({self._queued_rows} of {self.max_queue_rows} rows waiting)",
-                    retry_after=self._retry_after(),
-                )
+            self._admit(request)
             self._queue.append(request)
             self._queued_rows += request.rows
+            self._queued_tokens += request.cost_tokens
             self._cond.notify()
         self.metrics.queue_depth.set(self._queued_rows)
         return request
 
+    def _admit(self, request: QueuedRequest) -> None:
+        """Refuse (Overloaded) a request the queue cannot finish in time; called under the lock.
+
+        An empty queue takes any request (else one larger than the budget could never run).
+        """
+        if self._queued_rows + request.rows > self.max_queue_rows:
+            raise Overloaded(
+                f"the queue is full ({self._queued_rows} of {self.max_queue_rows} rows waiting)",
+                retry_after=self._retry_after(),
+            )
+        work_s = (self._queued_tokens + request.cost_tokens) * self._seconds_per_token
+        if self._queue and work_s > self.max_queue_work_s:
+            raise Overloaded(
+                f"the queue is full: about {work_s:.1f}s of work with this request, at most "
+                f"{self.max_queue_work_s:g}s are accepted",
+                retry_after=self._retry_after(),
+            )
+
     def _retry_after(self) -> float:
-        # The time the queue ahead needs to drain, at the recent pace; at least a second.
-        batches = self._queued_rows / self.max_batch_size
-        return max(1.0, batches * self._batch_seconds)
+        # The time the work queued ahead needs to drain, at the recent pace; at least a second.
+        by_rows = self._queued_rows / self.max_batch_size * self._batch_seconds
+        by_tokens = self._queued_tokens * self._seconds_per_token
+        return max(1.0, by_rows, by_tokens)
 
     # --------------------------------------------------------------------------------- the worker
 
@@ -276,6 +322,7 @@ class Batcher:
                 break
             self._queue.popleft()
             self._queued_rows -= request.rows
+            self._queued_tokens -= request.cost_tokens
             if self._claim(request, now):
                 batch.append(request)
                 rows += request.rows
@@ -307,6 +354,9 @@ class Batcher:
             self._complete(batch, outcomes, started)
         seconds = time.monotonic() - started
         self._batch_seconds = 0.9 * self._batch_seconds + 0.1 * seconds
+        padded_tokens = sum(p.rows * p.padded_length for p in passes)
+        if padded_tokens > 0:
+            self._seconds_per_token = 0.8 * self._seconds_per_token + 0.2 * seconds / padded_tokens
         self._publish(batch, outcomes, passes, seconds)
 
     def _run_passes(
@@ -321,9 +371,16 @@ class Batcher:
         prepared = self.runner.prepare(rows)
         if len(prepared) != len(rows):
             raise RuntimeError(f"runner prepared {len(prepared)} rows for {len(rows)} inputs")
-        for indices in plan_passes(
-            [p.length for p in prepared], self.max_batch_size, self.bucket_overhead_tokens
-        ):
+        runnable = []
+        for index, row in enumerate(prepared):
+            if row.error is not None:  # this row alone is bad: its request fails, its neighbours run
+                outcome = outcomes[owners[index][0]]
+                outcome.error = outcome.error or row.error
+            else:
+                runnable.append(index)
+        lengths = [prepared[i].length for i in runnable]
+        for planned in plan_passes(lengths, self.max_batch_size, self.bucket_overhead_tokens):
+            indices = [runnable[i] for i in planned]
             tasks = tuple(dict.fromkeys(batch[owners[i][0]].task for i in indices))
             passes.append(PassRecord(len(indices), max(prepared[i].length for i in indices), tasks))
             self._run_pass([prepared[i] for i in indices], [owners[i] for i in indices], outcomes)
@@ -345,6 +402,12 @@ class Batcher:
             return
         seconds = time.monotonic() - started
         for (request_index, row_index), result in zip(owners, results, strict=True):
+            if not result.finite:
+                self.metrics.nonfinite_outputs.inc()
+                outcome = outcomes[request_index]
+                outcome.error = outcome.error or NonFiniteOutput(
+                    f"the task's memory produced a non-finite score for inputs[{row_index}]"
+                )
             outcomes[request_index].outputs[row_index] = result
         for request_index in {r for r, _ in owners}:
             outcomes[request_index].inference_s += seconds
@@ -354,6 +417,9 @@ class Batcher:
             if request.future.done():
                 continue
             rows = [row for row in outcome.outputs if row is not None]
+            if isinstance(outcome.error, SpartanError):  # this request's own: a bad input, a NaN score
+                _fail(request, outcome.error)
+                continue
             if outcome.error is not None or len(rows) != request.rows:
                 _fail(request, InferenceFailed("inference failed for the batch holding this request"))
                 continue

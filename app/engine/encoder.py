@@ -51,9 +51,27 @@ class _Pass:
     balance: bool
     routing: list[list[torch.Tensor]] = field(default_factory=list)
     balance_terms: list[torch.Tensor] = field(default_factory=list)
+    # Per group, its rows as one contiguous slice of the batch when they are (the served path sorts
+    # rows by memory so they always are): a view then replaces a gather and a scatter per layer.
+    slices: list[slice] | None = None
+
+    def __post_init__(self) -> None:
+        self.slices = _contiguous_slices(self.groups, self.batch_size)
 
     def covers_all(self, group: RowGroup) -> bool:
         return len(self.groups) == 1 and group.rows.numel() == self.batch_size
+
+
+def _contiguous_slices(groups: Sequence[RowGroup], batch_size: int) -> list[slice] | None:
+    """Each group's rows as a slice, when the groups tile the batch in order (rows 0..a, a..b, ...)."""
+    slices, start = [], 0
+    for group in groups:
+        count = group.rows.numel()
+        if count == 0 or not torch.equal(group.rows, torch.arange(start, start + count)):
+            return None
+        slices.append(slice(start, start + count))
+        start += count
+    return slices if start == batch_size else None
 
 
 class _PassHolder:
@@ -74,19 +92,33 @@ class TaskAwareLayerNorm(nn.Module):
         overrides = [] if run is None else self._overrides(run)
         if not overrides:
             return self.base(x)
+        assert run is not None
         shape, eps = self.base.normalized_shape, self.base.eps
-        if run is not None and len(overrides) == 1 and run.covers_all(overrides[0][0]):
+        if len(overrides) == 1 and run.covers_all(overrides[0][0]):
             override = overrides[0][1]
             return F.layer_norm(x, shape, override.weight, override.bias, eps)
-        # Mixed batch: normalise once, then apply each row's own affine.
+        if run.slices is not None:
+            return self._per_slice(x, run, run.slices)
+        # Mixed batch of scattered rows: normalise once, then apply each row's own affine.
         weight = self.base.weight.expand(x.shape[0], -1)
         bias = self.base.bias.expand(x.shape[0], -1)
         for group, override in overrides:
             count = group.rows.numel()
-            weight = weight.index_copy(0, group.rows, override.weight.expand(count, -1))
-            bias = bias.index_copy(0, group.rows, override.bias.expand(count, -1))
+            weight = weight.index_copy(0, group.rows, override.weight.to(weight.dtype).expand(count, -1))
+            bias = bias.index_copy(0, group.rows, override.bias.to(bias.dtype).expand(count, -1))
         view = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
-        return F.layer_norm(x, shape, None, None, eps) * weight.view(view) + bias.view(view)
+        normalised = F.layer_norm(x, shape, None, None, eps)
+        return normalised * weight.view(view).to(x.dtype) + bias.view(view).to(x.dtype)
+
+    def _per_slice(self, x: torch.Tensor, run: _Pass, slices: list[slice]) -> torch.Tensor:
+        """Rows sorted by task: one fused layer_norm per task's slice, with that task's affine."""
+        shape, eps = self.base.normalized_shape, self.base.eps
+        parts = []
+        for group, rows in zip(run.groups, slices, strict=True):
+            override = group.memory.layernorm(self.name) if group.memory is not None else None
+            affine = (override.weight, override.bias) if override else (self.base.weight, self.base.bias)
+            parts.append(F.layer_norm(x[rows], shape, *affine, eps))
+        return torch.cat(parts)
 
     def _overrides(self, run: _Pass) -> list[tuple[RowGroup, LayerNormOverride]]:
         found = []
@@ -95,6 +127,13 @@ class TaskAwareLayerNorm(nn.Module):
             if override is not None:
                 found.append((group, override))
         return found
+
+
+def _add_update(hidden: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """h + m, summed in float32 and rounded once to the backbone's precision."""
+    if update.dtype == hidden.dtype:
+        return hidden + update
+    return (hidden.float() + update).to(hidden.dtype)
 
 
 class SpartanEncoder:
@@ -143,23 +182,47 @@ class SpartanEncoder:
             if group.memory is None:
                 return hidden
             update = self._group_update(index, hidden.reshape(-1, width), run, 0, run.attention_mask)
-            return hidden + update.view(batch, seq, width)
+            return _add_update(hidden, update.view(batch, seq, width))
+        if run.slices is not None:
+            return self._apply_to_slices(index, hidden, run, run.slices)
         updates = torch.zeros_like(hidden)
         for number, group in enumerate(run.groups):
             if group.memory is None:
                 continue
             states = hidden.index_select(0, group.rows).reshape(-1, width)
             mask = run.attention_mask.index_select(0, group.rows)
-            update = self._group_update(index, states, run, number, mask)
+            update = self._group_update(index, states, run, number, mask).to(hidden.dtype)
             updates = updates.index_copy(0, group.rows, update.view(-1, seq, width))
         return hidden + updates
+
+    def _apply_to_slices(
+        self, index: int, hidden: torch.Tensor, run: _Pass, slices: list[slice]
+    ) -> torch.Tensor:
+        """Rows sorted by task: each task's memory reads and updates a view of its own rows."""
+        _, seq, width = hidden.shape
+        if not torch.is_grad_enabled():  # serving: add in place, no copy of the batch's states
+            for number, (group, rows) in enumerate(zip(run.groups, slices, strict=True)):
+                if group.memory is not None:
+                    states = hidden[rows].reshape(-1, width)
+                    update = self._group_update(index, states, run, number, run.attention_mask[rows])
+                    hidden[rows] = _add_update(hidden[rows], update.view(-1, seq, width))
+            return hidden
+        updated = hidden.clone()  # training: autograd needs the layer's own output untouched
+        for number, (group, rows) in enumerate(zip(run.groups, slices, strict=True)):
+            if group.memory is not None:
+                states = hidden[rows].reshape(-1, width)
+                update = self._group_update(index, states, run, number, run.attention_mask[rows])
+                updated[rows] = _add_update(hidden[rows], update.view(-1, seq, width))
+        return updated
 
     def _group_update(
         self, index: int, states: torch.Tensor, run: _Pass, number: int, mask: torch.Tensor
     ) -> torch.Tensor:
         memory = run.groups[number].memory
         assert memory is not None
-        result = memory.layers[index](states)
+        # The memory runs in float32 whatever the backbone's precision: its cost is ~1% of a layer,
+        # and its top-k choice and child softmax are where reduced precision would change routing.
+        result = memory.layers[index](states.float())
         if run.record_routing:
             run.routing[number].append(result.parents.view(mask.shape[0], mask.shape[1], -1))
         if run.balance:
@@ -186,7 +249,7 @@ class SpartanEncoder:
                 hidden = self.backbone.model(**encoding).last_hidden_state
             finally:
                 self._holder.current = None
-        pooled = pool(hidden, mask, self.backbone.pooling)
+        pooled = pool(hidden.float(), mask, self.backbone.pooling)  # heads run in float32
         outputs = [
             group.memory.head(pooled.index_select(0, group.rows)) if group.memory is not None else None
             for group in groups

@@ -14,8 +14,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-import torch
-
 from app.engine.batcher import Batcher, RequestResult, TextInput
 from app.engine.runner import LayerRouting
 from app.errors import (
@@ -98,19 +96,16 @@ def check_fits_task(task: str, spec: MemorySpec, inputs: Sequence[TextInput]) ->
 
 
 def interpret(spec: MemorySpec, result: RequestResult, *, all_scores: bool) -> list[Prediction]:
-    """Head outputs -> labels and probabilities (classification) or values (regression)."""
+    """Each row's numbers (computed in the worker: probabilities, or the value) -> labels and scores."""
     predictions = []
     for row in result.rows:
         if spec.task_type == "regression":
-            value = float(row.outputs.reshape(-1)[0])
-            predictions.append(Prediction(None, None, None, value, row.routing))
+            predictions.append(Prediction(None, None, None, row.outputs[0], row.routing))
             continue
-        probabilities = torch.softmax(row.outputs.float(), dim=-1)
-        best = int(probabilities.argmax())
-        scores = dict(zip(spec.labels, probabilities.tolist(), strict=True)) if all_scores else None
-        predictions.append(
-            Prediction(spec.labels[best], float(probabilities[best]), scores, None, row.routing)
-        )
+        probabilities = row.outputs
+        best = max(range(len(probabilities)), key=probabilities.__getitem__)
+        scores = dict(zip(spec.labels, probabilities, strict=True)) if all_scores else None
+        predictions.append(Prediction(spec.labels[best], probabilities[best], scores, None, row.routing))
     return predictions
 
 

@@ -7,6 +7,12 @@ row what it would get served alone:
 * each row runs through its own task's memories and head (one RowGroup per memory object: two
   versions of one task during a hot swap are two groups).
 
+* rows are ordered by memory before the pass, so each task's rows are one contiguous slice of the
+  batch (views, not gathers, in every layer); results go back in the callers' order;
+* head outputs become plain numbers here, per group, in the worker (softmax for classification): the
+  event loop only reads them. A row whose output is not finite is marked, and fails alone;
+* a row the tokenizer refuses fails alone (InvalidInput), never its neighbours.
+
 Tokenisation runs only in the batcher's worker thread: a Hugging Face fast tokenizer changes its
 truncation settings per call and must not be called concurrently with different settings.
 """
@@ -22,6 +28,7 @@ import torch
 
 from app.engine.encoder import EncoderOutput, RowGroup, SpartanEncoder
 from app.engine.routing_tally import RoutingTally
+from app.errors import InvalidInput, SpartanError
 from app.spartan.memory import TaskMemory
 
 log = logging.getLogger(__name__)
@@ -43,17 +50,22 @@ class Row:
 
 @dataclass(frozen=True, eq=False)
 class PreparedRow:
-    """A tokenised row: `length` is its token count after its own task's truncation."""
+    """A tokenised row: `length` is its token count after its own task's truncation. A row that could
+    not be tokenised carries the error instead (and never reaches a forward pass)."""
 
     row: Row
     length: int
     features: dict[str, list[int]] = field(default_factory=dict)
+    error: SpartanError | None = None
 
 
 @dataclass(frozen=True)
 class RowOutput:
-    outputs: torch.Tensor  # head outputs [num_outputs]: logits, or the value for regression
+    """One row's result: class probabilities (classification) or [value] (regression), as numbers."""
+
+    outputs: list[float]
     routing: list[LayerRouting] | None = None
+    finite: bool = True  # False: the memory overflowed on this row; its request must fail
 
 
 class Runner(Protocol):
@@ -75,17 +87,30 @@ class EncoderRunner:
         self.routing_tally = routing_tally
 
     def prepare(self, rows: Sequence[Row]) -> list[PreparedRow]:
-        """Tokenise without padding, one tokenizer call per (max_length, pairs) setting."""
+        """Tokenise without padding, one tokenizer call per (max_length, pairs) setting; if a call
+        fails, its rows are tokenised one by one so only the rows the tokenizer refuses fail."""
         prepared: list[PreparedRow | None] = [None] * len(rows)
         settings: dict[tuple[int, bool], list[int]] = {}
         for index, row in enumerate(rows):
             settings.setdefault((row.memory.spec.max_length, row.memory.spec.text_pairs), []).append(index)
         for (max_length, pairs), indices in settings.items():
-            for index, features in zip(
-                indices, self._tokenize(rows, indices, max_length, pairs), strict=True
-            ):
+            try:
+                tokenized = self._tokenize(rows, indices, max_length, pairs)
+            except Exception:  # one bad text must not fail the rows of other clients
+                for index in indices:
+                    prepared[index] = self._prepare_alone(rows, index, max_length, pairs)
+                continue
+            for index, features in zip(indices, tokenized, strict=True):
                 prepared[index] = PreparedRow(rows[index], len(features["input_ids"]), features)
         return [p for p in prepared if p is not None]
+
+    def _prepare_alone(self, rows: Sequence[Row], index: int, max_length: int, pairs: bool) -> PreparedRow:
+        try:
+            features = self._tokenize(rows, [index], max_length, pairs)[0]
+        except Exception as err:
+            log.warning("an input could not be tokenised (%s); only its request fails", type(err).__name__)
+            return PreparedRow(rows[index], 0, error=InvalidInput(f"an input could not be tokenised: {err}"))
+        return PreparedRow(rows[index], len(features["input_ids"]), features)
 
     def _tokenize(
         self, rows: Sequence[Row], indices: list[int], max_length: int, pairs: bool
@@ -106,24 +131,28 @@ class EncoderRunner:
         return [{name: list(encoded[name][i]) for name in names} for i in range(len(indices))]
 
     def run(self, rows: Sequence[PreparedRow]) -> list[RowOutput]:
-        encoding = self._pad(rows)
-        groups, positions = _row_groups(rows)
-        # Recording keeps a view of the parent indices each layer computes anyway: nearly free.
-        record_routing = self.routing_tally is not None or any(p.row.record_routing for p in rows)
+        order = _order_by_memory(rows)
+        ordered = [rows[i] for i in order]
+        encoding = self._pad(ordered)
+        groups, positions = _row_groups(ordered)
+        # Recording keeps a view of the parent indices each layer computes anyway.
+        record_routing = self.routing_tally is not None or any(p.row.record_routing for p in ordered)
         with torch.inference_mode():
             out = self.encoder.forward(encoding, groups, record_routing=record_routing)
             if self.routing_tally is not None:
-                self._tally_routing(rows, groups, positions, out, encoding["attention_mask"])
-        results: list[RowOutput | None] = [None] * len(rows)
-        for number, group_positions in enumerate(positions):
-            for local, position in enumerate(group_positions):
-                wants = rows[position].row.record_routing
-                routing = (
-                    self._routing(out, number, local, encoding["attention_mask"][position]) if wants else None
-                )
-                outputs = out.outputs[number]
-                assert outputs is not None  # every group has a memory
-                results[position] = RowOutput(outputs[local].clone(), routing)
+                self._tally_routing(ordered, groups, positions, out, encoding["attention_mask"])
+            results: list[RowOutput | None] = [None] * len(rows)
+            for number, group in enumerate(groups):
+                assert group.memory is not None  # every group of a served pass has a memory
+                values, finite = _interpret_group(group.memory, out.outputs[number])
+                for local, position in enumerate(positions[number]):
+                    wants = ordered[position].row.record_routing
+                    routing = (
+                        self._routing(out, number, local, encoding["attention_mask"][position])
+                        if wants
+                        else None
+                    )
+                    results[order[position]] = RowOutput(values[local], routing, finite[local])
         return [r for r in results if r is not None]
 
     def _tally_routing(
@@ -190,6 +219,27 @@ class EncoderRunner:
             )
             summary.append([(p, c) for c, p in ranked[:top_k]])
         return summary
+
+
+def _order_by_memory(rows: Sequence[PreparedRow]) -> list[int]:
+    """Row positions ordered by memory (first appearance), stable within a memory: each memory's
+    rows become one contiguous slice of the pass."""
+    first_seen: dict[int, int] = {}
+    for position, prepared in enumerate(rows):
+        first_seen.setdefault(id(prepared.row.memory), position)
+    return sorted(range(len(rows)), key=lambda i: (first_seen[id(rows[i].row.memory)], i))
+
+
+def _interpret_group(
+    memory: TaskMemory, outputs: torch.Tensor | None
+) -> tuple[list[list[float]], list[bool]]:
+    """A group's head outputs [n, outputs] -> per row, probabilities (or [value]) and finiteness."""
+    assert outputs is not None
+    outputs = outputs.float()
+    if memory.spec.task_type == "classification":
+        outputs = torch.softmax(outputs, dim=-1)
+    finite = torch.isfinite(outputs).all(dim=-1)
+    return outputs.tolist(), finite.tolist()
 
 
 def _row_groups(rows: Sequence[PreparedRow]) -> tuple[list[RowGroup], list[list[int]]]:

@@ -12,11 +12,10 @@ import time
 from collections.abc import Sequence
 
 import pytest
-import torch
 
-from app.engine.batcher import Batcher, BatchRecord, plan_passes
+from app.engine.batcher import Batcher, BatchRecord, estimated_tokens, plan_passes
 from app.engine.runner import PreparedRow, Row, RowOutput
-from app.errors import InferenceFailed, NotReady, Overloaded, RequestTimeout
+from app.errors import InferenceFailed, InvalidInput, NonFiniteOutput, NotReady, Overloaded, RequestTimeout
 from app.metrics import Metrics
 from app.spartan.memory import MemorySpec, TaskMemory
 
@@ -46,7 +45,12 @@ class FakeRunner:
     def prepare(self, rows: Sequence[Row]) -> list[PreparedRow]:
         if self.fail_prepare:
             raise RuntimeError("tokenizer exploded")
-        return [PreparedRow(row, len(row.text.split())) for row in rows]
+        return [
+            PreparedRow(row, 0, error=InvalidInput("refused"))
+            if row.text == "untokenisable"
+            else PreparedRow(row, len(row.text.split()))
+            for row in rows
+        ]
 
     def run(self, rows: Sequence[PreparedRow]) -> list[RowOutput]:
         self.entered.set()
@@ -56,7 +60,10 @@ class FakeRunner:
             raise RuntimeError("forward exploded")
         time.sleep(self.delay_s)
         marker = [float(p.row.memory.marker) for p in rows]  # type: ignore[attr-defined]
-        return [RowOutput(torch.tensor([float(p.length), m])) for p, m in zip(rows, marker, strict=True)]
+        return [
+            RowOutput([float(p.length), m], finite=p.row.text != "overflow")
+            for p, m in zip(rows, marker, strict=True)
+        ]
 
 
 def make_batcher(runner: FakeRunner, **kwargs) -> tuple[Batcher, list[BatchRecord]]:
@@ -87,7 +94,7 @@ def test_rows_of_different_tasks_share_one_forward_pass() -> None:
         batcher.stop()
     for (name, memory), result in zip(tasks.items(), results, strict=True):
         assert result.memory is memory, name
-        assert [row.outputs.tolist() for row in result.rows] == [[2.0, memory.marker], [1.0, memory.marker]]  # type: ignore[attr-defined]
+        assert [row.outputs for row in result.rows] == [[2.0, memory.marker], [1.0, memory.marker]]  # type: ignore[attr-defined]
     mixed = [p for record in records for p in record.passes if len(p.tasks) == 3]
     assert mixed, records
 
@@ -295,3 +302,57 @@ def test_plan_passes_for_very_large_inputs_uses_chunks() -> None:
     passes = plan_passes(list(range(2000, 0, -1)), 64, 10)
     assert all(len(p) <= 64 for p in passes)
     assert sorted(i for p in passes for i in p) == list(range(2000))
+
+
+def test_a_row_that_fails_alone_fails_only_its_own_request() -> None:
+    """A row the tokenizer refuses, or whose memory overflows, fails its request and nobody else's."""
+    runner = FakeRunner(hold=True)
+    batcher, records = make_batcher(runner, max_wait_s=0.0)
+    memories = [tiny_task(1), tiny_task(2)]
+    try:
+        blocker = batcher.enqueue("a", memories[0], inputs("hold"))
+        assert runner.entered.wait(5)  # everything below queues behind the held pass: one batch
+        bad_text = batcher.enqueue("a", memories[0], inputs("fine", "untokenisable"))
+        overflow = batcher.enqueue("b", memories[1], inputs("overflow"))
+        neighbours = [batcher.enqueue("b", memories[1], inputs("one two")) for _ in range(3)]
+        runner.release()
+        assert blocker.future.result(5).rows[0].outputs == [1.0, 1.0]
+        with pytest.raises(InvalidInput):
+            bad_text.future.result(5)
+        with pytest.raises(NonFiniteOutput, match=r"inputs\[0\]"):
+            overflow.future.result(5)
+        assert [n.future.result(5).rows[0].outputs for n in neighbours] == [[2.0, 2.0]] * 3
+    finally:
+        batcher.stop()
+    assert len(records) == 2, records
+    assert records[1].requests == 5, records  # the bad rows shared the batch with their neighbours
+    assert batcher.metrics.registry.get_sample_value("spartan_nonfinite_outputs_total") == 1
+    assert batcher.metrics.registry.get_sample_value("spartan_batch_failures_total") == 0
+
+
+def test_admission_is_by_estimated_work_not_by_row_count() -> None:
+    """Few rows of long texts fill the queue's work budget; they are refused at once, with Retry-After."""
+    runner = FakeRunner(hold=True)
+    # The pace before any batch is measured: 2e-4 s per padded token; 1 s of work = 5,000 tokens.
+    batcher, _ = make_batcher(runner, max_wait_s=0.0, max_queue_rows=64, max_queue_work_s=1.0)
+    memory = tiny_task(1)  # max_length 128: a 10,000-character text costs 128 tokens
+    long_texts = inputs(*["word " * 2000] * 20)  # 20 rows, 2,560 tokens: 0.5 s
+    try:
+        batcher.enqueue("a", memory, inputs("hold"))
+        assert runner.entered.wait(5)
+        batcher.enqueue("a", memory, long_texts)
+        batcher.enqueue("a", memory, long_texts[:15])  # 4,480 tokens: 0.9 s, still accepted
+        with pytest.raises(Overloaded, match="s of work") as refused:
+            batcher.enqueue("a", memory, long_texts[:5])  # 35 rows of 64 queued, but 1.1 s of work
+        assert refused.value.retry_after >= 0.9
+        batcher.enqueue("a", memory, inputs("short"))  # 4 tokens more: fits the budget
+    finally:
+        runner.release()
+        batcher.stop()
+
+
+def test_estimated_tokens_counts_characters_capped_at_max_length() -> None:
+    assert estimated_tokens(inputs("a" * 40), max_length=128) == 13
+    assert estimated_tokens(inputs("a" * 40_000), max_length=128) == 128
+    assert estimated_tokens([("a" * 20, "b" * 20)], max_length=16) == 13
+    assert estimated_tokens([("a" * 20, "b" * 20)], max_length=12) == 12
