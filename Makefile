@@ -9,16 +9,20 @@ STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
 # The peer-comparison environment (transformers 4.57.6 + adapters + PEFT): benchmarks/requirements-peers.txt
 PEERS ?= .venv-peers
 PEERS_STAMP := $(PEERS)/.installed-$(shell cat pyproject.toml benchmarks/requirements-peers.txt | sha256sum | cut -c1-16)
+# The other CPU runtimes for the engine benchmark (ONNX Runtime, OpenVINO): benchmarks/requirements-runtimes.txt
+RUNTIMES ?= .venv-runtimes
+RUNTIMES_STAMP := $(RUNTIMES)/.installed-$(shell cat pyproject.toml benchmarks/requirements-runtimes.txt | sha256sum | cut -c1-16)
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: setup assets run test lint unit bench peers-env system-deps help
+.PHONY: setup assets run test lint unit bench peers-env runtimes-env system-deps help
 
 help:
 	@echo "make run    set up .venv, fetch the offline assets, serve memories/ on http://$(HOST):$(PORT)"
 	@echo "make test   set up, fetch, lint (ruff, mypy) and run the whole test suite"
 	@echo "make bench  run the benchmarks (results go to docs/)"
 	@echo "make peers-env  the peer-comparison environment ($(PEERS): transformers 4.57.6, adapters, PEFT)"
+	@echo "make runtimes-env  ONNX Runtime and OpenVINO for the engine benchmark ($(RUNTIMES))"
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -33,6 +37,14 @@ $(PEERS_STAMP): pyproject.toml benchmarks/requirements-peers.txt
 	touch $@
 
 peers-env: $(PEERS_STAMP)
+
+$(RUNTIMES_STAMP): pyproject.toml benchmarks/requirements-runtimes.txt
+	python3 -m venv $(RUNTIMES)
+	$(RUNTIMES)/bin/python -m pip install --quiet --disable-pip-version-check -r benchmarks/requirements-runtimes.txt -e .
+	rm -f $(RUNTIMES)/.installed-*
+	touch $@
+
+runtimes-env: $(RUNTIMES_STAMP)
 
 setup: $(STAMP) assets
 
@@ -57,7 +69,7 @@ system-deps:
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends prometheus nginx-light; }
 
 # The suite also runs the peer benchmarks' smoke modes, which need the peers' environment.
-test: setup peers-env system-deps lint
+test: setup peers-env runtimes-env system-deps lint
 	$(PY) -m pytest
 
 bench: setup

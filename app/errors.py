@@ -1,10 +1,16 @@
-"""Domain errors. No HTTP here: app/api/errors.py maps each class to a status code in one table."""
+"""Domain errors. No HTTP here: app/api/errors.py maps each class to a status code in one table.
+
+Each error also names the `outcome` a prediction it ends is counted under (the requests metric), so
+that one place, the error itself, says what it means.
+"""
 
 from __future__ import annotations
 
 
 class SpartanError(Exception):
     """Base of every error the project raises on purpose; `str(err)` is safe to show a user."""
+
+    outcome = "error"
 
 
 class AssetError(SpartanError):
@@ -42,6 +48,8 @@ class StoreUnavailable(SpartanError):
 class TaskNotFound(SpartanError):
     """No memory is registered under this task name."""
 
+    outcome = "not_found"
+
 
 class RoutingStatsDisabled(SpartanError):
     """Routing statistics were asked for, but the service does not collect them (switched off)."""
@@ -50,9 +58,13 @@ class RoutingStatsDisabled(SpartanError):
 class InvalidTaskName(SpartanError):
     """A task name is not allowed (empty, too long, or could escape the store)."""
 
+    outcome = "not_found"
+
 
 class InvalidInput(SpartanError):
     """A prediction request does not fit the task (e.g. a text pair for a model without pairs)."""
+
+    outcome = "invalid"
 
 
 class PayloadTooLarge(SpartanError):
@@ -61,6 +73,8 @@ class PayloadTooLarge(SpartanError):
 
 class Overloaded(SpartanError):
     """The request queue is full; the client should retry after `retry_after` seconds."""
+
+    outcome = "overloaded"
 
     def __init__(self, message: str, retry_after: float = 1.0) -> None:
         super().__init__(message)
@@ -74,6 +88,8 @@ class BodyTimeout(SpartanError):
 class RequestTimeout(SpartanError):
     """A request waited in the queue or ran longer than its deadline."""
 
+    outcome = "timeout"
+
 
 class NotReady(SpartanError):
     """The service has not finished starting, or its batch worker is not alive."""
@@ -81,6 +97,8 @@ class NotReady(SpartanError):
 
 class TaskUnavailable(SpartanError):
     """A task is registered but its stored memory file cannot be served (e.g. it fails validation)."""
+
+    outcome = "unavailable"
 
 
 class AuthenticationRequired(SpartanError):

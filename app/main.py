@@ -24,7 +24,8 @@ from app.api.limits import BodyDeadline, DeclaredLengthLimit
 from app.engine.backbone import load_backbone, resolve_precision
 from app.engine.batcher import Batcher
 from app.engine.encoder import SpartanEncoder
-from app.engine.predictor import InputLimits, Predictor
+from app.engine.inputs import InputLimits
+from app.engine.predictor import Predictor
 from app.engine.routing_tally import RoutingTally
 from app.engine.runner import EncoderRunner
 from app.metrics import Metrics, package_version

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.engine.batcher import TextInput
+from app.engine.inputs import TextInput
 from app.engine.predictor import PredictionResult
 from app.engine.routing_tally import RoutingSnapshot
 from app.registry.registry import TaskInfo

@@ -27,14 +27,13 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from app.engine.inputs import TextInput
 from app.engine.runner import PreparedRow, Row, RowOutput, Runner
 from app.errors import InferenceFailed, NonFiniteOutput, NotReady, Overloaded, RequestTimeout, SpartanError
 from app.metrics import Metrics
 from app.spartan.memory import TaskMemory
 
 log = logging.getLogger(__name__)
-
-TextInput = tuple[str, str | None]  # a text, and its pair for pair tasks
 
 # Above this many rows the exact pass planner (quadratic) gives way to fixed-size chunks.
 _EXACT_PLAN_MAX_ROWS = 512

@@ -14,29 +14,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from app.engine.batcher import Batcher, RequestResult, TextInput
-from app.engine.runner import LayerRouting
-from app.errors import (
-    InvalidInput,
-    InvalidTaskName,
-    Overloaded,
-    RequestTimeout,
-    SpartanError,
-    TaskNotFound,
-    TaskUnavailable,
-)
+from app.engine.batcher import Batcher, RequestResult
+from app.engine.inputs import InputLimits, TextInput, check_fits_task, check_limits
+from app.engine.runner import ParentCounts
+from app.errors import SpartanError
 from app.metrics import UNKNOWN_TASK, Metrics
 from app.spartan.memory import MemorySpec, Pooling, TaskMemory, TaskType
-
-# Outcome label of the requests counter, by the domain error that ended the request.
-_OUTCOMES: tuple[tuple[type[SpartanError], str], ...] = (
-    (TaskNotFound, "not_found"),
-    (InvalidTaskName, "not_found"),
-    (InvalidInput, "invalid"),
-    (Overloaded, "overloaded"),
-    (RequestTimeout, "timeout"),
-    (TaskUnavailable, "unavailable"),
-)
 
 
 class MemoryResolver(Protocol):
@@ -55,7 +38,7 @@ class Prediction:
     score: float | None  # its probability
     scores: dict[str, float] | None  # every label's probability, when asked for
     value: float | None  # regression: the predicted value
-    routing: list[LayerRouting] | None  # per layer (parent, tokens), when asked for
+    routing: list[ParentCounts] | None  # per layer (parent, tokens), when asked for
 
 
 @dataclass(frozen=True)
@@ -65,34 +48,6 @@ class PredictionResult:
     task_type: TaskType
     pooling: Pooling
     predictions: list[Prediction]
-
-
-@dataclass(frozen=True)
-class InputLimits:
-    max_inputs: int = 64
-    max_text_chars: int = 10_000
-
-
-def check_limits(inputs: Sequence[TextInput], limits: InputLimits) -> None:
-    if not inputs:
-        raise InvalidInput("inputs: give at least one text")
-    if len(inputs) > limits.max_inputs:
-        raise InvalidInput(f"inputs: {len(inputs)} inputs, at most {limits.max_inputs} per request")
-    for index, (text, pair) in enumerate(inputs):
-        longest = max(len(text), len(pair or ""))
-        if longest > limits.max_text_chars:
-            raise InvalidInput(
-                f"inputs[{index}]: a text of {longest} characters, at most {limits.max_text_chars}"
-            )
-
-
-def check_fits_task(task: str, spec: MemorySpec, inputs: Sequence[TextInput]) -> None:
-    """A text pair only for a task trained on pairs (a pair task takes single texts too, as in training)."""
-    if spec.text_pairs:
-        return
-    for index, (_, pair) in enumerate(inputs):
-        if pair is not None:
-            raise InvalidInput(f"inputs[{index}] is a text pair, but task {task!r} takes single texts")
 
 
 def interpret(spec: MemorySpec, result: RequestResult, *, all_scores: bool) -> list[Prediction]:
@@ -110,12 +65,10 @@ def interpret(spec: MemorySpec, result: RequestResult, *, all_scores: bool) -> l
 
 
 def outcome_of(error: BaseException) -> str:
+    """The requests metric's outcome label for a request this error ended."""
     if isinstance(error, asyncio.CancelledError):
         return "cancelled"
-    for kind, outcome in _OUTCOMES:
-        if isinstance(error, kind):
-            return outcome
-    return "error"
+    return error.outcome if isinstance(error, SpartanError) else "error"
 
 
 class Predictor:

@@ -33,8 +33,8 @@ from app.spartan.memory import TaskMemory
 
 log = logging.getLogger(__name__)
 
-# Per layer, (parent index, number of real tokens that chose it), most used first.
-LayerRouting = list[tuple[int, int]]
+# One layer's parents for one row: (parent index, real tokens that chose it), most used first.
+ParentCounts = list[tuple[int, int]]
 
 
 @dataclass(frozen=True, eq=False)
@@ -64,7 +64,7 @@ class RowOutput:
     """One row's result: class probabilities (classification) or [value] (regression), as numbers."""
 
     outputs: list[float]
-    routing: list[LayerRouting] | None = None
+    routing: list[ParentCounts] | None = None
     finite: bool = True  # False: the memory overflowed on this row; its request must fail
 
 
@@ -200,11 +200,11 @@ class EncoderRunner:
 
     def _routing(
         self, out: EncoderOutput, group: int, local: int, attention_mask: torch.Tensor
-    ) -> list[LayerRouting]:
+    ) -> list[ParentCounts]:
         """Per layer, the parents used for the pooled token (first-token pooling), or the parents most
         used over the row's real tokens, with counts (mean pooling)."""
         assert out.routing is not None
-        summary: list[LayerRouting] = []
+        summary: list[ParentCounts] = []
         for layer_parents in out.routing[group]:
             parents = layer_parents[local]  # [S, k]
             if self.pooling == "first":

@@ -21,8 +21,8 @@ from typing import Literal, cast
 
 from app.assets.fetch import asset_dir
 from app.errors import DatasetError
+from app.spartan.memory import TaskType
 
-TaskType = Literal["classification", "regression"]
 TASK_TYPES: tuple[TaskType, ...] = ("classification", "regression")
 
 
