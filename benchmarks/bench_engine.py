@@ -43,6 +43,7 @@ RUNTIMES = [
     ("openvino", "fp32"),
     ("openvino", "bf16"),
 ]
+SMOKE_RUNTIMES = [("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "int8"), ("openvino", "bf16")]
 
 
 def fixed_length_batch(tokenizer: Any, batch: int, length: int) -> dict[str, Any]:
@@ -251,7 +252,9 @@ def speed(args: argparse.Namespace) -> None:
     cells = ["1x16", "8x16"] if args.smoke else ["1x64", "8x64", "32x64", "1x128", "8x128", "32x128"]
     threads_list = [2] if args.smoke else [1, 2]
     rounds = 2 if args.smoke else args.rounds
-    runtimes = RUNTIMES[:2] if args.smoke or not RUNTIMES_PYTHON.exists() else RUNTIMES
+    runtimes = [r for r in RUNTIMES if r[0] == "torch" or RUNTIMES_PYTHON.exists()]
+    if args.smoke:  # one run of every code path: both torch precisions, one of each other runtime
+        runtimes = [r for r in runtimes if r in SMOKE_RUNTIMES]
     runs = []
     for threads in threads_list:
         for runtime, precision in runtimes:
@@ -271,7 +274,8 @@ def speed(args: argparse.Namespace) -> None:
         "command": harness.command_line("bench_engine.py"),
         "runs": runs,
     }
-    harness.write_report(args.out, "engine_speed", report, render_speed(report))
+    name = "engine_speed_smoke" if args.smoke else "engine_speed"
+    harness.write_report(args.out, name, report, render_speed(report))
     print(render_speed(report))
 
 
@@ -378,7 +382,8 @@ def accuracy(args: argparse.Namespace) -> None:
         "command": harness.command_line("bench_engine.py"),
         "tasks": rows_out,
     }
-    harness.write_report(args.out, "engine_accuracy", report, render_accuracy(report))
+    name = "engine_accuracy_smoke" if args.smoke else "engine_accuracy"
+    harness.write_report(args.out, name, report, render_accuracy(report))
 
 
 def render_accuracy(report: dict[str, Any]) -> str:

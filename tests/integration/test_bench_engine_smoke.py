@@ -1,0 +1,58 @@
+"""The engine benchmark's smoke modes run in the suite: every runtime's code path, and numbers that
+must hold even on a busy machine (bf16 agrees with fp32, per-channel int8 stays close, ratios sane)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.model, pytest.mark.slow]
+
+
+def smoke(repo_root: Path, out: Path, command: str) -> dict:
+    runtimes = repo_root / ".venv-runtimes" / "bin" / "python"
+    if not runtimes.exists():
+        pytest.fail(f"{runtimes} is missing: run `make runtimes-env` (or `make test`, which builds it)")
+    script = repo_root / "benchmarks" / "bench_engine.py"
+    cmd = [sys.executable, str(script), command, "--smoke", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / f"engine_{command}_smoke.md").read_text().startswith("# ")
+    return json.loads((out / f"engine_{command}_smoke.json").read_text())
+
+
+def test_engine_speed_smoke(repo_root: Path, tmp_path: Path) -> None:
+    report = smoke(repo_root, tmp_path, "speed")
+    runs = {(r["runtime"], r["precision"]): r for r in report["runs"]}
+    assert set(runs) == {("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "int8"), ("openvino", "bf16")}
+    for run in runs.values():
+        key = "eager" if run["runtime"] == "torch" else "bare"
+        assert all(cell[key]["min"] > 0 for cell in run["cells"]), run
+    assert runs[("torch", "fp32")]["cosine_to_torch_fp32"] == pytest.approx(1.0, abs=1e-6)
+    # bf16 keeps 8 significant bits, per-channel int8 weights ~7: close to fp32, not equal.
+    assert 0.999 < runs[("torch", "bf16")]["cosine_to_torch_fp32"] < 1.0
+    assert 0.999 < runs[("openvino", "bf16")]["cosine_to_torch_fp32"] <= 1.0
+    assert runs[("onnxruntime", "int8")]["cosine_to_torch_fp32"] > 0.9
+    for precision in ("fp32", "bf16"):
+        for cell in runs[("torch", precision)]["cells"]:
+            assert {"bare", "spartan-1"} <= set(cell["vs_eager"]), cell
+            assert 0 < cell["vs_bare"]["spartan-1"]["median"] < 5, cell
+        mixed = [c for c in runs[("torch", precision)]["cells"] if c["batch"] >= 6]
+        assert mixed, "a cell large enough for 6 tasks in one pass"
+        assert all({"spartan-6", "served-6"} <= set(c["vs_bare"]) for c in mixed)
+
+
+def test_engine_accuracy_smoke(repo_root: Path, tmp_path: Path) -> None:
+    report = smoke(repo_root, tmp_path, "accuracy")
+    tasks = {t["task"]: t for t in report["tasks"]}
+    assert set(tasks) == {"sentiment", "banking77", "bbc-news"}
+    for task in tasks.values():
+        assert task["test_rows"] == 200
+        assert task["accuracy_fp32"] > 0.6, task  # the shipped memories are trained, not random
+        assert task["label_agreement"] >= 0.97, task
+        assert abs(task["accuracy_change_points"]) <= 100 * (1 - task["label_agreement"]) + 1e-9
+        assert 0 < task["max_score_difference"] < 0.5, task
