@@ -1,10 +1,19 @@
-"""Fixtures of the API tests: memories built on the real MiniLM encoder, per-test settings, and apps
-served in-process (httpx's ASGI transport, lifespan entered: registry, batcher thread and all), all
-sharing the session's one loaded backbone."""
+"""Fixtures of the API tests: a tiny random backbone, memories built on the test's encoder, per-test
+settings, apps served in-process (httpx's ASGI transport, lifespan entered: registry, batcher thread
+and all), and a gate that holds the batch worker so that tests line up queues without timing.
+
+Which encoder a test gets (`api_encoder`, and through it `make_memory`, `memory_file` and `serve`)
+follows its `model` marker: the real MiniLM for tests marked `model` (their assertions depend on its
+predictions), the tiny random BERT otherwise (plumbing: the fast loop `pytest -m "not model"` covers
+the service without the model). Each is loaded once per session."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import asyncio
+import json
+import string
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -14,6 +23,8 @@ import pytest
 import torch
 from fastapi import FastAPI
 
+from app.engine.batcher import Batcher, QueuedRequest
+from app.engine.runner import PreparedRow, RowOutput
 from app.main import create_app
 from app.settings import Settings
 from app.spartan.memfile import memory_to_bytes
@@ -61,15 +72,93 @@ def build_memory(
     return memory
 
 
+# ------------------------------------------------------------------ the tiny random backbone
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+# Every character alone and as a word piece, so any ASCII text tokenises without [UNK]; a few common
+# words keep the test texts' token counts near MiniLM's.
+CHARACTERS = string.ascii_lowercase + string.digits + string.punctuation
+WORDS = ["the", "and", "of", "to", "in", "is", "it", "my", "was", "for", "on", "at", "how", "what", "why"]
+WORDS += ["do", "this", "that", "film", "bank", "card", "an"]
+
+
+def save_tiny_backbone(folder: Path) -> Path:
+    """A 2-layer, hidden-32 random BERT with a real WordPiece fast tokenizer and mean pooling, saved
+    as a Hugging Face folder (plus the sentence-transformers pooling config): it loads through
+    app.engine.backbone.load_backbone exactly like MiniLM, with no network."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    pieces = dict.fromkeys([*SPECIAL_TOKENS, *CHARACTERS, *(f"##{c}" for c in CHARACTERS), *WORDS])
+    vocab = {piece: index for index, piece in enumerate(pieces)}
+    wordpiece = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=200))
+    wordpiece.normalizer = normalizers.BertNormalizer(lowercase=True)
+    wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    wordpiece.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",  # token type 1 for the pair, as BERT's own tokenizer
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    wordpiece.decoder = decoders.WordPiece()
+    tokenizer = BertTokenizerFast(
+        tokenizer_object=wordpiece,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=512,
+    )
+    tokenizer.save_pretrained(folder)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=512,
+    )
+    with torch.random.fork_rng():  # the same weights every session, whatever ran before
+        torch.manual_seed(0)
+        BertModel(config).save_pretrained(folder)
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    return folder
+
+
 @pytest.fixture(scope="session")
-def make_memory(minilm_encoder: Any) -> MemoryMaker:
+def tiny_backbone_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_backbone(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tiny_backbone_dir: Path, cache_dir: Path) -> Any:
+    """One SpartanEncoder on the tiny backbone for the whole session, loaded like the real one."""
+    from app.engine.backbone import load_backbone
+    from app.engine.encoder import SpartanEncoder
+
+    return SpartanEncoder(load_backbone(str(tiny_backbone_dir), cache_dir))
+
+
+@pytest.fixture
+def api_encoder(request: pytest.FixtureRequest) -> Any:
+    """The real MiniLM for a test marked `model`, the tiny backbone for any other."""
+    marked = request.node.get_closest_marker("model") is not None
+    return request.getfixturevalue("minilm_encoder" if marked else "tiny_encoder")
+
+
+# ------------------------------------------------------------------ memories, settings, apps
+
+
+@pytest.fixture
+def make_memory(api_encoder: Any) -> MemoryMaker:
     def make(**kwargs: Any) -> TaskMemory:
-        return build_memory(minilm_encoder, **kwargs)
+        return build_memory(api_encoder, **kwargs)
 
     return make
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def memory_file(make_memory: MemoryMaker) -> Callable[..., bytes]:
     def make(**kwargs: Any) -> bytes:
         return memory_to_bytes(make_memory(**kwargs))
@@ -106,13 +195,13 @@ def write_memory() -> Callable[[Settings, str, bytes], None]:
     return write
 
 
-@pytest.fixture(scope="session")
-def serve(minilm_encoder: Any) -> Callable[[Settings], AbstractAsyncContextManager[Served]]:
+@pytest.fixture
+def serve(api_encoder: Any) -> Callable[[Settings], AbstractAsyncContextManager[Served]]:
     """`async with serve(settings) as (app, client)`: a started app and a client talking to it."""
 
     @asynccontextmanager
     async def served(settings: Settings) -> AsyncIterator[Served]:
-        app = create_app(settings, encoder=minilm_encoder)
+        app = create_app(settings, encoder=api_encoder)
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
             async with httpx.AsyncClient(
@@ -121,3 +210,62 @@ def serve(minilm_encoder: Any) -> Callable[[Settings], AbstractAsyncContextManag
                 yield app, client
 
     return served
+
+
+# ------------------------------------------------------------------ holding the batch worker
+
+
+class HeldRunner:
+    """The app's runner, wrapped: every forward pass waits until `release()`, and every accepted
+    enqueue is counted, so that a test builds an exact queue behind a batch in progress (no windows,
+    no sleeps). Install it inside the app's event loop: `held = HeldRunner.install(app)`."""
+
+    def __init__(self, batcher: Batcher) -> None:
+        self.batcher = batcher
+        self.inner = batcher.runner
+        self.running = threading.Event()  # the worker is inside a pass
+        self.released = threading.Event()
+        self.accepted: list[QueuedRequest] = []  # requests the queue took, in order
+        self._enqueued = asyncio.Event()
+
+    @classmethod
+    def install(cls, app: FastAPI) -> HeldRunner:
+        batcher: Batcher = app.state.services.batcher
+        held = cls(batcher)
+        enqueue = batcher.enqueue
+
+        def counted(*args: Any, **kwargs: Any) -> QueuedRequest:
+            request = enqueue(*args, **kwargs)  # Overloaded propagates: a refused request is not counted
+            held.accepted.append(request)
+            held._enqueued.set()  # enqueue runs on the event loop (Batcher.submit)
+            return request
+
+        batcher.runner = held
+        batcher.enqueue = counted  # type: ignore[method-assign]
+        return held
+
+    def prepare(self, rows: Sequence[Any]) -> list[PreparedRow]:
+        return self.inner.prepare(rows)
+
+    def run(self, rows: Sequence[PreparedRow]) -> list[RowOutput]:
+        self.running.set()
+        if not self.released.wait(60):
+            raise RuntimeError("the test never released the held runner")
+        return self.inner.run(rows)
+
+    def release(self) -> None:
+        self.released.set()
+
+    async def until_running(self) -> None:
+        """Until the worker is inside a pass (holding the batch it took, the queue behind it)."""
+        assert await asyncio.to_thread(self.running.wait, 60), "the batch worker never started a pass"
+
+    async def until_accepted(self, count: int) -> None:
+        """Until the queue has taken `count` requests since install."""
+
+        async def wait() -> None:
+            while len(self.accepted) < count:
+                self._enqueued.clear()
+                await self._enqueued.wait()
+
+        await asyncio.wait_for(wait(), 60)

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real MiniLM backbone (fetched by `make test` before pytest runs)."""
+"""Shared fixtures: the real MiniLM backbone (fetched by `make test` before pytest runs); the API
+fixtures, with the tiny random backbone for plumbing tests, are in api_fixtures.py."""
 
 from __future__ import annotations
 
@@ -8,8 +9,20 @@ import pytest
 
 from app.settings import Settings
 
-# The API fixtures (memories on the real MiniLM, per-test settings, in-process apps) for every folder.
+# The API fixtures (tiny or real backbone, memories, per-test settings, in-process apps) for every folder.
 pytest_plugins = ["api_fixtures", "global_state"]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The `model` marker is what keeps MiniLM out of the fast loop: a test that asks for it unmarked
+    would load the model under `-m "not model"`, so it is refused at collection."""
+    unmarked = [
+        item.nodeid
+        for item in items
+        if "minilm_encoder" in getattr(item, "fixturenames", ()) and item.get_closest_marker("model") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError(f"tests using minilm_encoder must be marked `model`: {unmarked}")
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
-"""Task memories through the API on the real backbone: upload, replace, hot swap under load, every
-kind of bad upload, delete, listing, auth of writes, store polling, probes and metrics."""
+"""Task memories through the API (plumbing: the tiny random backbone): upload, replace, hot swap under
+load, every kind of bad upload, delete, listing, auth of writes, store polling, probes and metrics."""
 
 from __future__ import annotations
 
@@ -13,13 +13,12 @@ from typing import Any
 import httpx
 import pytest
 import torch
+from api_fixtures import HeldRunner
 from safetensors.torch import save as save_safetensors
 
 from app.registry.store import LocalFolderStore
 from app.spartan.memfile import memory_tensors, spec_metadata
 from app.spartan.memory import TaskMemory
-
-pytestmark = pytest.mark.model
 
 TEXTS = ["a gripping, beautifully acted film", "dull and far too long", "an unexpected delight"]
 
@@ -57,6 +56,7 @@ def bad_uploads(memory: TaskMemory, good: bytes) -> list[tuple[str, bytes, tuple
     nan = tensors["layers.1.child_values"].clone()
     nan[0, 0, 0] = float("nan")
     half = tensors["head.dense.bias"].half()
+    parents, hidden = memory.spec.num_parents, memory.spec.hidden_size
     return [
         ("empty", b"", INVALID, "empty file"),
         ("not safetensors", b"hello, I am a text file and not a memory", INVALID, "header"),
@@ -64,14 +64,14 @@ def bad_uploads(memory: TaskMemory, good: bytes) -> list[tuple[str, bytes, tuple
         ("truncated", good[: len(good) // 2], INVALID, "truncated"),
         ("missing tensor", crafted(memory, drop="head.out.bias"), INVALID, "missing tensors: head.out.bias"),
         ("extra tensor", crafted(memory, tensors={"layers.0.bias": torch.zeros(3)}), INVALID, "unexpected"),
-        ("wrong shape", crafted(memory, tensors={"layers.0.parent_keys": torch.zeros(17, 384)}), INVALID,
-         "expected shape [16, 384]"),
+        ("wrong shape", crafted(memory, tensors={"layers.0.parent_keys": torch.zeros(parents + 1, hidden)}),
+         INVALID, f"expected shape [{parents}, {hidden}]"),
         ("wrong dtype", crafted(memory, tensors={"head.dense.bias": half}), INVALID, "expected dtype F32"),
         ("non-finite", crafted(memory, tensors={"layers.1.child_values": nan}), INVALID, "non-finite"),
         ("format version", crafted(memory, metadata={"format_version": "99"}), INVALID, "unsupported format"),
         ("wrong backbone", crafted(memory, metadata={"backbone_fingerprint": "f" * 64}), MISMATCH,
          "trained for backbone"),
-        ("wrong width", crafted(memory, metadata={"hidden_size": "768"}), MISMATCH, "width"),
+        ("wrong width", crafted(memory, metadata={"hidden_size": str(2 * hidden)}), MISMATCH, "width"),
         ("too large", b"\0" * 3_000_001, TOO_LARGE, "3000000 bytes"),
     ]  # fmt: skip
 
@@ -175,7 +175,8 @@ def test_every_bad_upload_gets_its_4xx_and_the_old_version_keeps_serving(
 def test_replacing_under_load_each_response_carries_the_version_that_produced_it(
     memory_file: Any, settings_for: Any, serve: Any
 ) -> None:
-    # Small batches and no waiting: a long queue forms, so requests are still queued during the swap.
+    # Small batches, no waiting, and the worker held while the queue is built: 30 requests are still
+    # queued (behind the held batch) when the swap happens, 10 more come after it.
     settings = settings_for(max_batch_size=2, max_wait_ms=0)
     v1, v2 = memory_file(seed=41), memory_file(seed=42)
     batches: list[tuple[float, tuple[str, ...]]] = []
@@ -185,13 +186,15 @@ def test_replacing_under_load_each_response_carries_the_version_that_produced_it
             assert (await client.put("/v1/tasks/reviews/memory", content=v1)).status_code == 201
             reference = {sha(v1): await predict(client, "reviews")}
             app.state.services.batcher.add_listener(lambda r: batches.append((time.monotonic(), r.versions)))
+            held = HeldRunner.install(app)
             first = [asyncio.ensure_future(predict(client, "reviews")) for _ in range(30)]
-            while app.state.services.batcher.queued_rows < 30:
-                await asyncio.sleep(0.001)
+            await held.until_accepted(30)
             swapped = await client.put("/v1/tasks/reviews/memory?replace=true", content=v2)
             swapped_at = time.monotonic()
             assert swapped.status_code == 200, swapped.text
             second = [asyncio.ensure_future(predict(client, "reviews")) for _ in range(10)]
+            await held.until_accepted(40)
+            held.release()
             results = await asyncio.gather(*first, *second)
             reference[sha(v2)] = await predict(client, "reviews")
             return results[:30], results[30:], reference, swapped_at
@@ -294,6 +297,10 @@ def test_probes_and_metrics(memory_file: Any, settings_for: Any, serve: Any, wri
 
     async def scenario() -> tuple[str, list[int]]:
         async with serve(settings) as (app, client):
+            backbone = app.state.services.encoder.backbone
+            fingerprint = backbone.fingerprint[:16]
+            build = f'spartan_build_info{{backbone="{backbone.name}",backbone_fingerprint="{fingerprint}"'
+            assert build in (await client.get("/metrics")).text
             await predict(client, "reviews")
             await client.put("/v1/tasks/other/memory", content=memory_file(seed=72))
             text = (await client.get("/metrics")).text
@@ -322,6 +329,5 @@ def test_probes_and_metrics(memory_file: Any, settings_for: Any, serve: Any, wri
         "spartan_memory_bytes ",
         "spartan_tasks_registered 2.0",
         "spartan_batch_failures_total",
-        'spartan_build_info{backbone="all-MiniLM-L6-v2"',
     ]:
         assert series in text, series

@@ -1,5 +1,6 @@
-"""POST /v1/tasks/{task}/predict against the real MiniLM backbone: parity with `spartan eval`, routing,
-limits, unknown tasks, auth, and the OpenAPI documentation."""
+"""POST /v1/tasks/{task}/predict: parity with `spartan eval` for the shipped memory on the real MiniLM;
+routing, regression values, limits, unknown tasks, auth and the OpenAPI documentation on the tiny
+random backbone (plumbing: the API must agree with the encoder it serves, whichever it is)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,6 @@ import torch
 from parity import assert_f32_close
 
 from app.spartan.memfile import memory_to_bytes
-
-pytestmark = pytest.mark.model
 
 SENTIMENT = Path(__file__).resolve().parents[2] / "memories" / "sentiment.safetensors"
 FALLBACK_TEXTS = [
@@ -45,6 +44,7 @@ def parity_case(make_memory: Any, cache_dir: Path) -> tuple[bytes, list[Any]]:
     return memory_to_bytes(make_memory(seed=7)), examples
 
 
+@pytest.mark.model
 def test_api_prediction_equals_eval_path_scoring(
     minilm_encoder: Any, make_memory: Any, cache_dir: Path, settings_for: Any, serve: Any, write_memory: Any
 ) -> None:
@@ -75,7 +75,7 @@ def test_api_prediction_equals_eval_path_scoring(
 
 
 def test_routing_reports_the_parents_per_layer(
-    minilm_encoder: Any, memory_file: Any, settings_for: Any, serve: Any, write_memory: Any
+    api_encoder: Any, memory_file: Any, settings_for: Any, serve: Any, write_memory: Any
 ) -> None:
     settings = settings_for()
     write_memory(settings, "topics", memory_file(seed=3))
@@ -88,10 +88,10 @@ def test_routing_reports_the_parents_per_layer(
             return response.json()
 
     payload = asyncio.run(scenario())
-    assert payload["routing_token"] == "mean"  # MiniLM is a mean-pooled sentence-transformers model
+    assert payload["routing_token"] == "mean"  # mean-pooled, like MiniLM (a sentence-transformers model)
     routing = payload["predictions"][0]["routing"]
-    assert len(routing) == minilm_encoder.backbone.num_layers
-    tokens = len(minilm_encoder.encode(["the central bank raised interest rates"], None, 128)["input_ids"][0])
+    assert len(routing) == api_encoder.backbone.num_layers
+    tokens = len(api_encoder.encode(["the central bank raised interest rates"], None, 128)["input_ids"][0])
     for layer in routing:
         counts = [entry["count"] for entry in layer]
         assert 0 < len(layer) <= 8  # at most top_k parents reported
@@ -101,7 +101,7 @@ def test_routing_reports_the_parents_per_layer(
 
 
 def test_regression_tasks_return_values(
-    minilm_encoder: Any, make_memory: Any, settings_for: Any, serve: Any, write_memory: Any
+    api_encoder: Any, make_memory: Any, settings_for: Any, serve: Any, write_memory: Any
 ) -> None:
     from app.training.datasets import Example
     from app.training.trainer import predict_outputs
@@ -110,7 +110,7 @@ def test_regression_tasks_return_values(
     settings = settings_for()
     write_memory(settings, "score", memory_to_bytes(memory))
     texts = ["fine", "a long and winding sentence about nothing at all"]
-    expected = predict_outputs(minilm_encoder, memory, [Example(t, 0.0) for t in texts]).squeeze(-1)
+    expected = predict_outputs(api_encoder, memory, [Example(t, 0.0) for t in texts]).squeeze(-1)
 
     async def scenario() -> dict[str, Any]:
         async with serve(settings) as (_, client):

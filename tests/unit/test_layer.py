@@ -133,14 +133,30 @@ def test_memory_layer_inference_cache_follows_in_place_updates():
     assert_f32_close(after, cached * 3.0)
 
 
-def test_memory_layer_inference_cache_follows_parent_key_updates():
+def test_memory_layer_inference_cache_holds_the_child_major_layout_and_follows_child_key_updates():
+    from app.spartan.layer import child_major, uses_dense
     from app.spartan.memory import MemoryLayer
 
+    # What the cache holds: the child keys (divided by T) and values, child-major. Parent keys are
+    # read live on every call, so only these two can go stale.
     layer = MemoryLayer(hidden=10, num_parents=6, num_children=3, top_k=2, temperature=1.6)
-    h = torch.randn(5, 10)
+    assert uses_dense(6, 3)  # the size takes the dense path, the only one with a cache
+    gen = torch.Generator().manual_seed(2)
+    h = torch.randn(5, 10, generator=gen)
     with torch.no_grad():
-        layer(h)
-        layer.parent_keys.mul_(-1.0)  # flips which parents win: a stale cache would pick the old ones
-        served = layer(h)
+        for param in layer.parameters():  # unit scale: the children's softmax is far from uniform
+            param.copy_(torch.randn(param.shape, generator=gen))
+        before = layer(h).update
+        keys_t, values = layer._inference_layout()
+        want_keys_t, want_values = child_major(layer.child_keys, layer.child_values, 1.6)
+        assert torch.equal(keys_t, want_keys_t)
+        assert torch.equal(values, want_values)
+        assert layer._inference_layout()[0] is keys_t  # unchanged parameters: the cache is reused
+        assert layer.inference_cache_bytes() == keys_t.nbytes + values.nbytes
+
+        layer.child_keys.mul_(-2.0)  # an in-place update of the cached keys (a reload copies in place)
+        after = layer(h).update
     reference = reference_memory(h, layer.parent_keys, layer.child_keys, layer.child_values, 2, 1.6).detach()
-    assert_f32_close(served.update, reference)
+    assert_f32_close(after, reference)
+    assert (after - before).abs().max() > 0.1  # the update changed the answer: a stale cache would show
+    assert layer._inference_layout()[0] is not keys_t
