@@ -41,6 +41,16 @@ _FINGERPRINT_CONFIG_KEYS = (
 )
 
 
+@dataclass(frozen=True)
+class SentenceEmbedding:
+    """How the model's own sentence embedding is made (sentence-transformers' modules.json, pooling
+    config and sentence_bert_config.json): pooling, L2 normalisation, and the longest input it reads."""
+
+    pooling: Pooling
+    normalize: bool = False
+    max_length: int = 512
+
+
 @dataclass
 class Backbone:
     """A frozen encoder with its tokenizer and the facts the memories depend on."""
@@ -51,6 +61,11 @@ class Backbone:
     layers: list[nn.Module]  # the Transformer layers, in order; a memory goes after each
     pooling: Pooling
     fingerprint: str  # of the float32 weights as loaded: one backbone is one identity at any precision
+    embedding: SentenceEmbedding | None = None  # None: pooling as `pooling`, no normalisation
+
+    @property
+    def sentence_embedding(self) -> SentenceEmbedding:
+        return self.embedding or SentenceEmbedding(self.pooling, False, self.max_positions)
 
     @property
     def precision(self) -> Precision:
@@ -113,6 +128,23 @@ def detect_pooling(folder: Path | None) -> Pooling:
             if config.get("pooling_mode_cls_token"):
                 return "first"
     return "first"
+
+
+def detect_sentence_embedding(folder: Path | None, pooling: Pooling, max_positions: int) -> SentenceEmbedding:
+    """Read a sentence-transformers folder's own definition of its embedding; plain encoders get
+    their pooling, no normalisation, and every position."""
+    normalize, max_length = False, max_positions
+    if folder is not None:
+        modules = folder / "modules.json"
+        if modules.is_file():
+            kinds = {str(m.get("type", "")) for m in json.loads(modules.read_text())}
+            normalize = "sentence_transformers.models.Normalize" in kinds
+        config = folder / "sentence_bert_config.json"
+        if config.is_file():
+            max_length = min(
+                max_positions, int(json.loads(config.read_text()).get("max_seq_length", max_length))
+            )
+    return SentenceEmbedding(pooling, normalize, max_length)
 
 
 def fingerprint(model: PreTrainedModel) -> str:
@@ -186,6 +218,7 @@ def load_backbone(
         pooling=pooling or detect_pooling(folder),
         fingerprint=fingerprint(model),
     )
+    backbone.embedding = detect_sentence_embedding(folder, backbone.pooling, backbone.max_positions)
     if precision != "fp32":
         model.to(_DTYPES[precision])
     log.info(

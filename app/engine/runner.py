@@ -39,9 +39,10 @@ ParentCounts = list[tuple[int, int]]
 
 @dataclass(frozen=True, eq=False)
 class Row:
-    """One input of one request, bound to the memory its request resolved when it was submitted."""
+    """One input of one request, bound to the memory its request resolved when it was submitted;
+    no memory = the bare backbone's sentence embedding (the embeddings API)."""
 
-    memory: TaskMemory
+    memory: TaskMemory | None
     text: str
     pair: str | None = None
     record_routing: bool = False
@@ -61,11 +62,13 @@ class PreparedRow:
 
 @dataclass(frozen=True)
 class RowOutput:
-    """One row's result: class probabilities (classification) or [value] (regression), as numbers."""
+    """One row's result as numbers: class probabilities (classification), [value] (regression), or
+    the sentence embedding (a row without a memory)."""
 
     outputs: list[float]
     routing: list[ParentCounts] | None = None
     finite: bool = True  # False: the memory overflowed on this row; its request must fail
+    tokens: int = 0  # the row's token count, after truncation
 
 
 class Runner(Protocol):
@@ -91,8 +94,14 @@ class EncoderRunner:
         fails, its rows are tokenised one by one so only the rows the tokenizer refuses fail."""
         prepared: list[PreparedRow | None] = [None] * len(rows)
         settings: dict[tuple[int, bool], list[int]] = {}
+        embedding_length = self.encoder.backbone.sentence_embedding.max_length
         for index, row in enumerate(rows):
-            settings.setdefault((row.memory.spec.max_length, row.memory.spec.text_pairs), []).append(index)
+            setting = (
+                (row.memory.spec.max_length, row.memory.spec.text_pairs)
+                if row.memory is not None
+                else (embedding_length, False)
+            )
+            settings.setdefault(setting, []).append(index)
         for (max_length, pairs), indices in settings.items():
             try:
                 tokenized = self._tokenize(rows, indices, max_length, pairs)
@@ -143,17 +152,26 @@ class EncoderRunner:
                 self._tally_routing(ordered, groups, positions, out, encoding["attention_mask"])
             results: list[RowOutput | None] = [None] * len(rows)
             for number, group in enumerate(groups):
-                assert group.memory is not None  # every group of a served pass has a memory
-                values, finite = _interpret_group(group.memory, out.outputs[number])
+                if group.memory is None:
+                    values, finite = self._embeddings(out.pooled.index_select(0, group.rows))
+                else:
+                    values, finite = _interpret_group(group.memory, out.outputs[number])
                 for local, position in enumerate(positions[number]):
-                    wants = ordered[position].row.record_routing
+                    wants = ordered[position].row.record_routing and group.memory is not None
                     routing = (
                         self._routing(out, number, local, encoding["attention_mask"][position])
                         if wants
                         else None
                     )
-                    results[order[position]] = RowOutput(values[local], routing, finite[local])
+                    tokens = ordered[position].length
+                    results[order[position]] = RowOutput(values[local], routing, finite[local], tokens)
         return [r for r in results if r is not None]
+
+    def _embeddings(self, pooled: torch.Tensor) -> tuple[list[list[float]], list[bool]]:
+        """Bare rows' pooled states as the model defines its sentence embedding (normalised or not)."""
+        if self.encoder.backbone.sentence_embedding.normalize:
+            pooled = torch.nn.functional.normalize(pooled, p=2.0, dim=-1)
+        return pooled.tolist(), torch.isfinite(pooled).all(dim=-1).tolist()
 
     def _tally_routing(
         self,
@@ -170,7 +188,8 @@ class EncoderRunner:
             assert out.routing is not None
             for number, group in enumerate(groups):
                 outputs = out.outputs[number]
-                assert group.memory is not None  # every group of a served pass has a memory
+                if group.memory is None:  # embedding rows: no memory, nothing to count
+                    continue
                 assert outputs is not None
                 # A memory object serves one task (the registry loads one per task).
                 task = rows[positions[number][0]].row.task
@@ -243,9 +262,10 @@ def _interpret_group(
 
 
 def _row_groups(rows: Sequence[PreparedRow]) -> tuple[list[RowGroup], list[list[int]]]:
-    """One RowGroup per memory object (identity, not task name), and each group's row positions."""
+    """One RowGroup per memory object (identity, not task name; None = the bare rows), and each
+    group's row positions."""
     by_memory: dict[int, list[int]] = {}
-    memories: dict[int, TaskMemory] = {}
+    memories: dict[int, TaskMemory | None] = {}
     for position, prepared in enumerate(rows):
         key = id(prepared.row.memory)
         memories[key] = prepared.row.memory
