@@ -119,7 +119,7 @@ TaskName = Annotated[str, Depends(task_name)]
 async def read_memory_upload(request: Request, limit: int) -> bytes:
     """The memory file of an upload: the raw body, or the `file` part of a multipart/form-data body."""
     content_type = request.headers.get("content-type", "")
-    if content_type.startswith("multipart/form-data"):
+    if content_type.lower().startswith("multipart/form-data"):  # media types are case-insensitive
         body = await _read_limited(request, limit + MULTIPART_SLACK_BYTES, limit)
         return await _multipart_file(request.headers, body, limit)
     return await _read_limited(request, limit, limit)
