@@ -4,6 +4,7 @@ and a connection guard in its HTTP protocol (header deadline and size cap, conne
 from __future__ import annotations
 
 import asyncio
+import copy
 import ctypes
 import logging
 import os
@@ -14,8 +15,11 @@ from asyncio import TimerHandle
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote_plus
 
 import uvicorn
+from fastapi import FastAPI
+from uvicorn.config import LOGGING_CONFIG
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from app.api.errors import error_response, error_type, status_for
@@ -274,6 +278,65 @@ async def refuse_busy(scope: Scope, receive: Receive, send: Send) -> None:
     )
 
 
+# ----------------------------------------------------------------------------------- access log
+
+REDACTED = "[redacted]"
+
+
+def redact_query(target: str, keep: frozenset[str]) -> str:
+    """`path?query` with every query value redacted but those of the parameters named in `keep`: a
+    key a client put in the URL (`?api_key=...`, refused) must not reach the log."""
+    path, mark, query = target.partition("?")
+    if not mark:
+        return target
+    pairs = []
+    for pair in query.split("&"):
+        name, equals, _ = pair.partition("=")
+        if not equals:
+            pairs.append(REDACTED if pair else pair)  # a bare value: it could be anything
+        elif unquote_plus(name) in keep:
+            pairs.append(pair)
+        else:
+            pairs.append(f"{name}={REDACTED}")
+    return f"{path}?{'&'.join(pairs)}"
+
+
+class RedactQueryValues(logging.Filter):
+    """On uvicorn's access logger: its records' third argument is the request target with its query."""
+
+    def __init__(self, keep: list[str] | tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.keep = frozenset(keep)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str):
+            record.args = (*args[:2], redact_query(args[2], self.keep), *args[3:])
+        return True
+
+
+def query_parameter_names(app: ASGIApp) -> list[str]:
+    """The query parameters the API defines (e.g. `replace`): their values are logged as sent."""
+    if not isinstance(app, FastAPI):
+        return []
+    names = {
+        parameter["name"]
+        for operations in app.openapi().get("paths", {}).values()
+        for operation in operations.values()
+        for parameter in operation.get("parameters", [])
+        if parameter.get("in") == "query"
+    }
+    return sorted(names)
+
+
+def access_log_config(keep: list[str]) -> dict[str, Any]:
+    """uvicorn's own logging configuration, with query values redacted in its access log."""
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["filters"] = {"redact_query": {"()": RedactQueryValues, "keep": keep}}
+    config["loggers"]["uvicorn.access"]["filters"] = ["redact_query"]
+    return config
+
+
 def serve_http(app: ASGIApp, settings: Settings) -> None:
     """Run `app` until SIGTERM or SIGINT, then drain; exit with status 3 if it never started."""
     limits = ConnectionLimits(settings.header_timeout_s, settings.max_header_bytes, settings.max_connections)
@@ -284,6 +347,7 @@ def serve_http(app: ASGIApp, settings: Settings) -> None:
         port=settings.port,
         workers=1,  # the model and registry are process state: a second worker would be a second copy
         log_level=settings.log_level,
+        log_config=access_log_config(query_parameter_names(app)),
         # SIGTERM: stop accepting, let accepted requests finish (the batcher keeps running until the
         # lifespan ends), then exit; requests still running after this deadline are cancelled.
         timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout_s)),

@@ -391,6 +391,22 @@ def test_compose_mounts_and_images(compose: dict[str, Any]) -> None:
     assert any(str(port).endswith(":8080") for port in proxy["ports"])
 
 
+def test_nginx_access_log_leaves_out_query_strings() -> None:
+    """A key sent as ?api_key=... must not reach the proxy's log: its format names the path alone."""
+    text = (ROOT / "deploy" / "nginx" / "nginx.conf").read_text()
+    logs = re.findall(r"^\s*access_log\s+([^;]+);", text, flags=re.M)
+    assert logs, "nginx.conf has no access_log"
+    formats = dict(re.findall(r"log_format\s+(\w+)\s+((?:'[^']*'\s*)+);", text))
+    for log in logs:
+        target, *fmt = log.split()
+        assert target == "off" or fmt, f"access_log {log}: nginx's default format logs the query string"
+        if fmt:
+            assert fmt[0] in formats, f"access_log {log}: format {fmt[0]} is not defined"
+            used = set(re.findall(r"\$(\w+)", formats[fmt[0]]))
+            assert not used & {"request", "request_uri", "args", "query_string"}, used
+            assert "uri" in used
+
+
 # --------------------------------------------------------------------------------------- Prometheus
 
 
