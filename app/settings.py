@@ -85,6 +85,12 @@ class Settings(BaseSettings):
         description="Bearer key required for predictions and task listings; unset = open. The admin key "
         "is accepted too.",
     )
+    metrics_api_key: SecretStr | None = Field(
+        default=None,
+        description="Bearer key required for GET /metrics (Prometheus: `authorization` in the scrape "
+        "config). Unset = /metrics is guarded like the task listings (it names every task): open "
+        "without a predict key, else the predict or admin key.",
+    )
     allow_unauthenticated_writes: bool = Field(
         default=False,
         description="Development only: accept uploads and deletes without an admin key.",
@@ -189,7 +195,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _keys_are_not_guessable(self) -> Settings:
         # An empty key (an unfilled secret) or a short one would protect nothing; refuse to start.
-        for name in ("admin_api_key", "predict_api_key"):
+        for name in ("admin_api_key", "predict_api_key", "metrics_api_key"):
             key: SecretStr | None = getattr(self, name)
             if key is not None and len(key.get_secret_value()) < MIN_KEY_LENGTH:
                 raise ValueError(

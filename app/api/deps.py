@@ -90,6 +90,29 @@ def require_reader(svc: ServicesDep, credentials: Credentials) -> None:
     raise AuthenticationRequired("this operation needs the predict key: Authorization: Bearer <key>")
 
 
+def require_metrics_reader(request: Request, credentials: Credentials) -> None:
+    """/metrics names every task: the metrics key where one is set, else the listings' rule.
+
+    Reads the settings off the app, not the services: metrics answer while the service starts.
+    """
+    settings: Settings = request.app.state.settings
+    if settings.metrics_api_key is not None:
+        if _key_matches(credentials, settings.metrics_api_key):
+            return
+        raise AuthenticationRequired("/metrics needs the metrics key: Authorization: Bearer <key>")
+    if settings.predict_api_key is None:
+        return
+    if _key_matches(credentials, settings.predict_api_key) or _key_matches(
+        credentials, settings.admin_api_key
+    ):
+        return
+    raise AuthenticationRequired("/metrics needs the predict key: Authorization: Bearer <key>")
+
+
+def metrics_guarded(settings: Settings) -> bool:
+    return settings.metrics_api_key is not None or settings.predict_api_key is not None
+
+
 def reader_dependencies(settings: Settings) -> list[Any]:
     """Predictions and listings need a key only where one is configured; the OpenAPI schema says
     exactly that (a security requirement on an open route would tell clients a lie)."""

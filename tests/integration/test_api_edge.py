@@ -6,11 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.metrics import OTHER_TASKS, UNKNOWN_TASK
 
 pytestmark = pytest.mark.model
+
+ADMIN_KEY = f"admin-{uuid.uuid4().hex}"
+PREDICT_KEY = f"predict-{uuid.uuid4().hex}"
+METRICS_KEY = f"metrics-{uuid.uuid4().hex}"
 
 LONE_SURROGATE = "\ud800"  # valid JSON ("\ud800"), but no UTF-8 encoding exists for it
 
@@ -82,3 +90,98 @@ def test_multipart_uploads_are_recognised_in_any_case(
             assert listed["file_bytes"] == len(data)
 
     asyncio.run(scenario())
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.mark.parametrize(
+    ("keys", "allowed", "refused"),
+    [
+        # Its own key: only it opens /metrics (Prometheus holds no key that reads or writes tasks).
+        (
+            {"metrics_api_key": METRICS_KEY, "predict_api_key": PREDICT_KEY, "admin_api_key": ADMIN_KEY},
+            [METRICS_KEY],
+            [None, PREDICT_KEY, ADMIN_KEY, "wrong-key-0123456789"],
+        ),
+        ({"metrics_api_key": METRICS_KEY}, [METRICS_KEY], [None, "wrong-key-0123456789"]),
+        # No metrics key but a predict key: /metrics names every task, so it is guarded like listings.
+        ({"predict_api_key": PREDICT_KEY, "admin_api_key": ADMIN_KEY}, [PREDICT_KEY, ADMIN_KEY], [None]),
+        ({}, [None], []),
+    ],
+    ids=["metrics-key", "metrics-key-alone", "predict-key-only", "no-keys"],
+)
+def test_metrics_need_their_key(
+    keys: dict[str, str],
+    allowed: list[str | None],
+    refused: list[str | None],
+    settings_for: Any,
+    serve: Any,
+    memory_file: Any,
+    write_memory: Any,
+) -> None:
+    settings = settings_for(**keys)
+    write_memory(settings, "secret-task-name", memory_file(seed=6))
+
+    async def scenario() -> None:
+        async with serve(settings) as (app, client):
+            reader = PREDICT_KEY if "predict_api_key" in keys else None
+            predicted = await client.post(
+                "/v1/tasks/secret-task-name/predict",
+                json={"inputs": ["fine"]},
+                headers=bearer(reader) if reader else {},
+            )
+            assert predicted.status_code == 200, predicted.text
+            for key in allowed:
+                response = await client.get("/metrics", headers=bearer(key) if key else {})
+                assert response.status_code == 200, (key, response.text)
+                assert 'task="secret-task-name"' in response.text
+            for key in refused:
+                response = await client.get("/metrics", headers=bearer(key) if key else {})
+                assert response.status_code == 401, (key, response.text)
+                assert response.json()["error"]["type"] == "authentication_required"
+                assert response.headers["www-authenticate"].startswith("Bearer")
+                assert "secret-task-name" not in response.text
+            if "predict_api_key" in keys:  # the metrics key opens /metrics only
+                listing = await client.get("/v1/tasks", headers=bearer(METRICS_KEY))
+                assert listing.status_code == 401
+            operation = app.openapi()["paths"]["/metrics"]["get"]
+            assert ("401" in operation["responses"]) == bool(refused)
+            assert bool(operation.get("security")) == bool(refused)
+
+    asyncio.run(scenario())
+
+
+def test_task_labels_are_capped_by_metrics_max_task_labels(
+    settings_for: Any, serve: Any, memory_file: Any, write_memory: Any
+) -> None:
+    settings = settings_for(metrics_max_task_labels=2)
+    tasks = ["t-a", "t-b", "t-c", "t-d"]
+    for seed, task in enumerate(tasks):
+        write_memory(settings, task, memory_file(seed=10 + seed))
+
+    async def scenario() -> str:
+        async with serve(settings) as (_, client):
+            for task in [*tasks, "t-a", "t-d"]:  # the first two seen keep their label for good
+                response = await client.post(f"/v1/tasks/{task}/predict", json={"inputs": ["fine"]})
+                assert response.status_code == 200, response.text
+            for invented in ("no-such-1", "no-such-2"):
+                response = await client.post(f"/v1/tasks/{invented}/predict", json={"inputs": ["x"]})
+                assert response.status_code == 404
+            return (await client.get("/metrics")).text
+
+    exposition = asyncio.run(scenario())
+    counts: dict[tuple[str, str], float] = {}
+    labels: set[str] = set()
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            if "task" in sample.labels:
+                labels.add(sample.labels["task"])
+            if sample.name == "spartan_requests_total":
+                counts[(sample.labels["task"], sample.labels["outcome"])] = sample.value
+    assert labels == {"t-a", "t-b", OTHER_TASKS, UNKNOWN_TASK}, labels
+    assert counts[("t-a", "ok")] == 2
+    assert counts[("t-b", "ok")] == 1
+    assert counts[(OTHER_TASKS, "ok")] == 3  # t-c, t-d, t-d
+    assert counts[(UNKNOWN_TASK, "not_found")] == 2

@@ -17,6 +17,7 @@ pytestmark = pytest.mark.model
 
 ADMIN_KEY = f"admin-{uuid.uuid4().hex}"
 PREDICT_KEY = f"predict-{uuid.uuid4().hex}"
+METRICS_KEY = f"metrics-{uuid.uuid4().hex}"
 
 
 @pytest.mark.slow
@@ -26,6 +27,7 @@ def test_secrets_never_appear_in_logs_or_metrics(seaweed: Any, tmp_path: Path) -
         **seaweed.settings_env(seaweed.bucket, f"secrets-{uuid.uuid4().hex[:8]}/"),
         "SPARTAN_ADMIN_API_KEY": ADMIN_KEY,
         "SPARTAN_PREDICT_API_KEY": PREDICT_KEY,
+        "SPARTAN_METRICS_API_KEY": METRICS_KEY,
         "SPARTAN_LOG_LEVEL": "debug",  # the most the service ever logs
         "SPARTAN_STORE_POLL_INTERVAL_S": "0.2",
     }
@@ -48,12 +50,16 @@ def test_secrets_never_appear_in_logs_or_metrics(seaweed: Any, tmp_path: Path) -
             == 200
         )
         assert httpx.post(f"{url}/v1/tasks/t/predict", json={"inputs": ["fine"]}).status_code == 401
-        metrics = httpx.get(f"{url}/metrics").text
+        assert httpx.get(f"{url}/metrics").status_code == 401
+        scraped = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {METRICS_KEY}"})
+        assert scraped.status_code == 200
+        metrics = scraped.text
+        assert "spartan_requests_total" in metrics  # the exposition is really there
     finally:
         replica.stop()
     log = replica.log.read_text()
     assert "Application startup complete" in log  # the log is really there
-    for secret in (ADMIN_KEY, PREDICT_KEY, s3_secret):
+    for secret in (ADMIN_KEY, PREDICT_KEY, METRICS_KEY, s3_secret):
         assert secret not in log, "a secret was logged"
         assert secret not in metrics, "a secret is in /metrics"
 
