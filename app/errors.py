@@ -85,6 +85,14 @@ class BodyTimeout(SpartanError):
     """The client did not send its whole request body within the deadline (a slow or stalled client)."""
 
 
+class HeadersTooLarge(SpartanError):
+    """A request's line and headers are larger than the configured limit (SPARTAN_MAX_HEADER_BYTES)."""
+
+
+class ServerBusy(SpartanError):
+    """As many requests are in flight as the service accepts connections (SPARTAN_MAX_CONNECTIONS)."""
+
+
 class RequestTimeout(SpartanError):
     """A request waited in the queue or ran longer than its deadline."""
 

@@ -82,7 +82,7 @@ def create_app(settings: Settings | None = None, *, encoder: SpartanEncoder | No
     app.state.metrics = metrics
     app.state.services = None
     install_error_handlers(app)
-    routers = [predict.build_router(settings), tasks.build_router(settings), health.build_router()]
+    routers = [predict.build_router(settings), tasks.build_router(settings), health.build_router(settings)]
     for router in routers:
         app.include_router(router)
     app.add_middleware(DeclaredLengthLimit, routes=[route for router in routers for route in router.routes])
@@ -164,3 +164,5 @@ def announce_security(settings: Settings) -> None:
         )
     if settings.predict_api_key is None:
         log.info("predictions and listings are open (no SPARTAN_PREDICT_API_KEY)")
+    if settings.metrics_api_key is None and settings.predict_api_key is None:
+        log.info("/metrics is open (no SPARTAN_METRICS_API_KEY)")

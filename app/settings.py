@@ -94,6 +94,12 @@ class Settings(BaseSettings):
         description="Bearer key required for predictions and task listings; unset = open. The admin key "
         "is accepted too.",
     )
+    metrics_api_key: SecretStr | None = Field(
+        default=None,
+        description="Bearer key required for GET /metrics (Prometheus: `authorization` in the scrape "
+        "config). Unset = /metrics is guarded like the task listings (it names every task): open "
+        "without a predict key, else the predict or admin key.",
+    )
     allow_unauthenticated_writes: bool = Field(
         default=False,
         description="Development only: accept uploads and deletes without an admin key.",
@@ -165,8 +171,23 @@ class Settings(BaseSettings):
     max_connections: int = Field(
         default=512,
         ge=1,
-        description="Most concurrent connections and requests uvicorn accepts; beyond it, 503 at once "
-        "(a flood of idle or slow connections cannot exhaust file descriptors).",
+        description="Most open connections. One more closes the connection that has waited longest "
+        "without a request in flight (idle before its first byte, still sending its headers, or an idle "
+        "keep-alive), so idle sockets can neither exhaust file descriptors nor lock clients out; a "
+        "request that arrives while this many are in flight gets 503 (server_busy).",
+    )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0.0,
+        description="A request's line and headers must arrive within this many seconds: of the "
+        "connection's opening for its first request, of the request's first byte for later ones on a "
+        "keep-alive connection. A connection that is later (silent, or trickling headers) is closed.",
+    )
+    max_header_bytes: int = Field(
+        default=32 * 1024,
+        ge=1024,
+        description="Largest request line plus headers, in bytes; beyond it, 431 (headers_too_large) and "
+        "the connection is closed (a client still sending may see the close instead of the answer).",
     )
     keep_alive_timeout_s: float = Field(
         default=5.0, gt=0.0, description="Idle keep-alive connections are closed after this many seconds."
@@ -191,7 +212,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _keys_are_not_guessable(self) -> Settings:
         # An empty key (an unfilled secret) or a short one would protect nothing; refuse to start.
-        for name in ("admin_api_key", "predict_api_key"):
+        for name in ("admin_api_key", "predict_api_key", "metrics_api_key"):
             key: SecretStr | None = getattr(self, name)
             if key is not None and len(key.get_secret_value()) < MIN_KEY_LENGTH:
                 raise ValueError(

@@ -90,6 +90,29 @@ def require_reader(svc: ServicesDep, credentials: Credentials) -> None:
     raise AuthenticationRequired("this operation needs the predict key: Authorization: Bearer <key>")
 
 
+def require_metrics_reader(request: Request, credentials: Credentials) -> None:
+    """/metrics names every task: the metrics key where one is set, else the listings' rule.
+
+    Reads the settings off the app, not the services: metrics answer while the service starts.
+    """
+    settings: Settings = request.app.state.settings
+    if settings.metrics_api_key is not None:
+        if _key_matches(credentials, settings.metrics_api_key):
+            return
+        raise AuthenticationRequired("/metrics needs the metrics key: Authorization: Bearer <key>")
+    if settings.predict_api_key is None:
+        return
+    if _key_matches(credentials, settings.predict_api_key) or _key_matches(
+        credentials, settings.admin_api_key
+    ):
+        return
+    raise AuthenticationRequired("/metrics needs the predict key: Authorization: Bearer <key>")
+
+
+def metrics_guarded(settings: Settings) -> bool:
+    return settings.metrics_api_key is not None or settings.predict_api_key is not None
+
+
 def reader_dependencies(settings: Settings) -> list[Any]:
     """Predictions and listings need a key only where one is configured; the OpenAPI schema says
     exactly that (a security requirement on an open route would tell clients a lie)."""
@@ -119,7 +142,7 @@ TaskName = Annotated[str, Depends(task_name)]
 async def read_memory_upload(request: Request, limit: int) -> bytes:
     """The memory file of an upload: the raw body, or the `file` part of a multipart/form-data body."""
     content_type = request.headers.get("content-type", "")
-    if content_type.startswith("multipart/form-data"):
+    if content_type.lower().startswith("multipart/form-data"):  # media types are case-insensitive
         body = await _read_limited(request, limit + MULTIPART_SLACK_BYTES, limit)
         return await _multipart_file(request.headers, body, limit)
     return await _read_limited(request, limit, limit)

@@ -1,14 +1,17 @@
-"""Probes and metrics: /healthz (process alive), /readyz (backbone loaded, batch worker alive), /metrics."""
+"""Probes and metrics: /healthz (process alive), /readyz (backbone loaded, batch worker alive), /metrics
+(guarded by the metrics key, or like the task listings where none is set)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from app.api.deps import Services
+from app.api.deps import Services, metrics_guarded, require_metrics_reader
+from app.api.errors import error_responses
 from app.api.schemas import Health
 from app.metrics import Metrics
+from app.settings import Settings
 
 
 async def healthz() -> Health:
@@ -32,7 +35,7 @@ async def metrics(request: Request) -> Response:
     return Response(registry.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
-def build_router() -> APIRouter:
+def build_router(settings: Settings) -> APIRouter:
     router = APIRouter(tags=["health"])
     router.add_api_route("/healthz", healthz, methods=["GET"], response_model=Health, summary="Liveness")
     router.add_api_route(
@@ -48,7 +51,12 @@ def build_router() -> APIRouter:
         metrics,
         methods=["GET"],
         response_class=Response,
-        responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus metrics"}},
+        # Declared only where enforced: an open route with a security requirement would be a lie.
+        dependencies=[Depends(require_metrics_reader)] if metrics_guarded(settings) else [],
+        responses={
+            200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus metrics"},
+            **(error_responses(401) if metrics_guarded(settings) else {}),
+        },
         summary="Prometheus metrics",
     )
     return router

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.engine.inputs import TextInput
 from app.engine.predictor import PredictionResult
@@ -54,6 +54,23 @@ class PredictRequest(BaseModel):
         "(first-token pooling) or the parents most used over the input's real tokens, with counts "
         "(mean pooling).",
     )
+
+    @field_validator("inputs")
+    @classmethod
+    def _texts_are_unicode(cls, inputs: list[str | list[str]]) -> list[str | list[str]]:
+        # JSON can carry a lone surrogate ("\ud800"), which no UTF-8 text contains: the tokenizer would
+        # raise on it in the batch worker, failing the whole batch. Refused here, before it is queued.
+        for index, item in enumerate(inputs):
+            for text in (item,) if isinstance(item, str) else item:
+                if not text.isascii():
+                    try:
+                        text.encode("utf-8")
+                    except UnicodeEncodeError as err:
+                        raise ValueError(
+                            f"input {index} is not valid Unicode text: a lone surrogate at character "
+                            f"{err.start} (every text must be encodable as UTF-8)"
+                        ) from None
+        return inputs
 
     def text_inputs(self) -> list[TextInput]:
         return [(item, None) if isinstance(item, str) else (item[0], item[1]) for item in self.inputs]

@@ -391,6 +391,22 @@ def test_compose_mounts_and_images(compose: dict[str, Any]) -> None:
     assert any(str(port).endswith(":8080") for port in proxy["ports"])
 
 
+def test_nginx_access_log_leaves_out_query_strings() -> None:
+    """A key sent as ?api_key=... must not reach the proxy's log: its format names the path alone."""
+    text = (ROOT / "deploy" / "nginx" / "nginx.conf").read_text()
+    logs = re.findall(r"^\s*access_log\s+([^;]+);", text, flags=re.M)
+    assert logs, "nginx.conf has no access_log"
+    formats = dict(re.findall(r"log_format\s+(\w+)\s+((?:'[^']*'\s*)+);", text))
+    for log in logs:
+        target, *fmt = log.split()
+        assert target == "off" or fmt, f"access_log {log}: nginx's default format logs the query string"
+        if fmt:
+            assert fmt[0] in formats, f"access_log {log}: format {fmt[0]} is not defined"
+            used = set(re.findall(r"\$(\w+)", formats[fmt[0]]))
+            assert not used & {"request", "request_uri", "args", "query_string"}, used
+            assert "uri" in used
+
+
 # --------------------------------------------------------------------------------------- Prometheus
 
 
@@ -411,9 +427,46 @@ def promtool() -> str:
     ],
     ids=["check-config", "check-rules", "test-rules"],
 )
-def test_promtool(promtool: str, args: tuple[str, ...]) -> None:
-    result = run(promtool, *args, cwd=PROMETHEUS)
+def test_promtool(promtool: str, args: tuple[str, ...], tmp_path: Path) -> None:
+    result = run(promtool, *args, cwd=with_local_metrics_key(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+METRICS_KEY_FILE = "/run/secrets/metrics_key"  # where compose mounts the metrics_key secret
+
+
+def with_local_metrics_key(workdir: Path) -> Path:
+    """A copy of deploy/prometheus whose scrape job reads its key from a file that exists here
+    (promtool checks that the credentials file exists; the compose secret is mounted only in there)."""
+    copy_dir = workdir / "prometheus"
+    shutil.copytree(PROMETHEUS, copy_dir)
+    key_file = workdir / "metrics_key"
+    key_file.write_text("test-metrics-key-0123456789")
+    config = (copy_dir / "prometheus.yml").read_text()
+    assert config.count(METRICS_KEY_FILE) == 1, (
+        f"prometheus.yml: expected credentials_file {METRICS_KEY_FILE}"
+    )
+    (copy_dir / "prometheus.yml").write_text(config.replace(METRICS_KEY_FILE, str(key_file)))
+    return copy_dir
+
+
+def test_prometheus_scrapes_with_the_replicas_metrics_key(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/metrics needs SPARTAN_METRICS_API_KEY: Prometheus sends the replicas' own key, from a compose
+    secret made of the same environment variable, and no key sits in a committed file."""
+    (job,) = [
+        j for j in load_yaml(PROMETHEUS / "prometheus.yml")["scrape_configs"] if j["job_name"] == "spartan"
+    ]
+    assert job["authorization"] == {"type": "Bearer", "credentials_file": METRICS_KEY_FILE}
+    secret = Path(METRICS_KEY_FILE).name
+    assert secret in compose["services"]["prometheus"]["secrets"]
+    assert compose["secrets"][secret] == {"environment": "SPARTAN_METRICS_API_KEY"}
+    for name in REPLICAS:
+        value = compose["services"][name]["environment"]["SPARTAN_METRICS_API_KEY"]
+        assert value.startswith("${SPARTAN_METRICS_API_KEY:?"), f"{name}: the key comes from the environment"
+    env = {k: interpolate(str(v)) for k, v in compose["services"][REPLICAS[0]]["environment"].items()}
+    assert settings_from(env, monkeypatch).metrics_api_key is not None
 
 
 def test_prometheus_scrapes_every_compose_replica(compose: dict[str, Any]) -> None:
@@ -731,6 +784,9 @@ def test_pod_settings_are_real_and_validate(
     assert settings.admin_api_key is not None
     container = only(rendered, "Deployment")["spec"]["template"]["spec"]["containers"][0]
     assert settings.torch_threads == int(container["resources"]["limits"]["cpu"]), "threads = CPU limit"
+    assert settings.metrics_api_key is not None, (
+        "/metrics names every task: the ServiceMonitor scrapes with a key"
+    )
 
 
 def test_deployment_probes_shutdown_and_security(rendered: list[dict[str, Any]]) -> None:
@@ -845,6 +901,13 @@ def test_servicemonitor_component_scrapes_the_service(k8s_tree: Path) -> None:
     (endpoint,) = monitor["spec"]["endpoints"]
     assert endpoint["port"] in port_names
     assert endpoint["path"] == "/metrics"
+    # /metrics needs the metrics key: the operator sends the one the pods read, from their Secret.
+    assert endpoint["authorization"]["type"] == "Bearer"
+    credentials = endpoint["authorization"]["credentials"]
+    assert credentials["key"] == "SPARTAN_METRICS_API_KEY"
+    assert credentials["key"] in pod_env(docs)
+    container = only(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert credentials["name"] in [s["secretRef"]["name"] for s in container["envFrom"] if "secretRef" in s]
     # The operator names the job after the Service: the alerts select job="spartan".
     assert service["metadata"]["name"] == "spartan"
     for doc in docs:

@@ -1,10 +1,12 @@
 """A real Prometheus (Debian's package) scrapes a real `spartan serve` process with the project's own
-alert rules loaded, and PromQL gives the p99 latency the dashboard and the alerts rely on."""
+alert rules loaded and the deployed job's Bearer metrics key, and PromQL gives the p99 latency the
+dashboard and the alerts rely on."""
 
 from __future__ import annotations
 
 import shutil
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from procs import ROOT, Process, Replica, free_port, wait_until
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
+METRICS_KEY = f"metrics-{uuid.uuid4().hex}"
 P99 = "histogram_quantile(0.99, sum by (le, task) (rate(spartan_request_duration_seconds_bucket[20s])))"
 
 
@@ -23,18 +26,26 @@ P99 = "histogram_quantile(0.99, sum by (le, task) (rate(spartan_request_duration
 def replica(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replica]:
     workdir = tmp_path_factory.mktemp("prometheus-replica")
     shutil.copytree(ROOT / "memories", workdir / "memories")
-    env = {"SPARTAN_MEMORY_DIR": str(workdir / "memories"), "SPARTAN_STORE_POLL_INTERVAL_S": "0"}
+    env = {
+        "SPARTAN_MEMORY_DIR": str(workdir / "memories"),
+        "SPARTAN_STORE_POLL_INTERVAL_S": "0",
+        "SPARTAN_METRICS_API_KEY": METRICS_KEY,  # as deployed: /metrics needs the key
+    }
     running = Replica("scraped", env, workdir).start_ready()
     yield running
     running.stop()
 
 
-def prometheus_config(target: str, rules: Path) -> dict[str, Any]:
-    """The deployed scrape job (deploy/prometheus/prometheus.yml), pointed at the loopback replica and
-    scraping every second so that the test does not wait for the production interval."""
+def prometheus_config(target: str, rules: Path, key_file: Path) -> dict[str, Any]:
+    """The deployed scrape job (deploy/prometheus/prometheus.yml), pointed at the loopback replica,
+    its key read from `key_file` (compose mounts it as a secret), and scraping every second so that
+    the test does not wait for the production interval."""
     deployed = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
     job = next(job for job in deployed["scrape_configs"] if job["job_name"] == "spartan")
-    job = {**job, "scrape_interval": "1s", "scrape_timeout": "1s", "static_configs": [{"targets": [target]}]}
+    assert job["authorization"]["type"] == "Bearer"
+    authorization = {**job["authorization"], "credentials_file": str(key_file)}
+    job = {**job, "scrape_interval": "1s", "scrape_timeout": "1s", "static_configs": [{"targets": [target]}],
+           "authorization": authorization}  # fmt: skip
     return {"global": {"evaluation_interval": "1s"}, "rule_files": [str(rules)], "scrape_configs": [job]}
 
 
@@ -51,7 +62,9 @@ def test_prometheus_scrapes_the_service_and_promql_gives_the_p99_latency(
     assert prometheus_bin, "prometheus is missing: `make test` installs Debian's package (make system-deps)"
     config = tmp_path / "prometheus.yml"
     rules = ROOT / "deploy" / "prometheus" / "alerts.yml"
-    config.write_text(yaml.safe_dump(prometheus_config(f"127.0.0.1:{replica.port}", rules)))
+    key_file = tmp_path / "metrics_key"
+    key_file.write_text(METRICS_KEY)
+    config.write_text(yaml.safe_dump(prometheus_config(f"127.0.0.1:{replica.port}", rules, key_file)))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     prometheus = Process(
