@@ -6,6 +6,8 @@ that one place, the error itself, says what it means.
 
 from __future__ import annotations
 
+import asyncio
+
 
 class SpartanError(Exception):
     """Base of every error the project raises on purpose; `str(err)` is safe to show a user."""
@@ -124,3 +126,10 @@ class InferenceFailed(SpartanError):
 class NonFiniteOutput(InferenceFailed):
     """The task's memory produced a non-finite score for an input (an overflowing memory); only the
     request holding that input fails."""
+
+
+def outcome_of(error: BaseException) -> str:
+    """The requests metric's outcome label for a request this error ended."""
+    if isinstance(error, asyncio.CancelledError):
+        return "cancelled"
+    return error.outcome if isinstance(error, SpartanError) else "error"

@@ -17,12 +17,13 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from app.api import health, predict, tasks
+from app.api import embeddings, health, predict, tasks
 from app.api.deps import Services
 from app.api.errors import install_error_handlers
 from app.api.limits import BodyDeadline, DeclaredLengthLimit
 from app.engine.backbone import load_backbone, resolve_precision
 from app.engine.batcher import Batcher
+from app.engine.embedder import Embedder
 from app.engine.encoder import SpartanEncoder
 from app.engine.inputs import InputLimits
 from app.engine.predictor import Predictor
@@ -82,7 +83,12 @@ def create_app(settings: Settings | None = None, *, encoder: SpartanEncoder | No
     app.state.metrics = metrics
     app.state.services = None
     install_error_handlers(app)
-    routers = [predict.build_router(settings), tasks.build_router(settings), health.build_router(settings)]
+    routers = [
+        predict.build_router(settings),
+        embeddings.build_router(settings),
+        tasks.build_router(settings),
+        health.build_router(settings),
+    ]
     for router in routers:
         app.include_router(router)
     app.add_middleware(DeclaredLengthLimit, routes=[route for router in routers for route in router.routes])
@@ -140,7 +146,16 @@ def build_services(settings: Settings, metrics: Metrics, encoder: SpartanEncoder
         settings.max_wait_ms,
     )
     predictor = Predictor(registry, batcher, metrics, limits)
-    return Services(settings, metrics, encoder, registry, batcher, predictor, routing_tally)
+    embedding = encoder.backbone.sentence_embedding
+    embedder = Embedder(
+        batcher,
+        metrics,
+        limits,
+        model=encoder.backbone.name,
+        width=encoder.backbone.hidden_size,
+        max_length=embedding.max_length,
+    )
+    return Services(settings, metrics, encoder, registry, batcher, predictor, embedder, routing_tally)
 
 
 def shutdown(services: Services, *, close_encoder: bool) -> None:

@@ -14,6 +14,7 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from app.engine.batcher import Batcher
+from app.engine.embedder import Embedder
 from app.engine.encoder import SpartanEncoder
 from app.engine.predictor import Predictor
 from app.engine.routing_tally import RoutingTally
@@ -37,6 +38,7 @@ class Services:
     registry: Registry
     batcher: Batcher
     predictor: Predictor
+    embedder: Embedder
     routing_tally: RoutingTally | None = None  # None: routing statistics are off
 
 

@@ -57,9 +57,10 @@ def estimated_tokens(inputs: Sequence[TextInput], max_length: int) -> int:
 
 @dataclass(frozen=True)
 class RequestResult:
-    """What one request gets back: one RowOutput per input, and the memory that produced them."""
+    """What one request gets back: one RowOutput per input, and the memory that produced them (None:
+    the bare backbone's embeddings)."""
 
-    memory: TaskMemory
+    memory: TaskMemory | None
     rows: list[RowOutput]
     queue_wait_s: float
     inference_s: float
@@ -92,7 +93,7 @@ class QueuedRequest:
     """A request in the queue; its future gets the RequestResult or the error."""
 
     task: str
-    memory: TaskMemory
+    memory: TaskMemory | None  # None: bare-backbone rows (sentence embeddings)
     inputs: Sequence[TextInput]
     record_routing: bool
     enqueued_at: float
@@ -221,10 +222,17 @@ class Batcher:
     # --------------------------------------------------------------------------------- submitting
 
     async def submit(
-        self, task: str, memory: TaskMemory, inputs: Sequence[TextInput], *, record_routing: bool = False
+        self,
+        task: str,
+        memory: TaskMemory | None,
+        inputs: Sequence[TextInput],
+        *,
+        record_routing: bool = False,
+        max_length: int = 512,
     ) -> RequestResult:
-        """Queue one request and wait for its result (Overloaded, RequestTimeout, InferenceFailed)."""
-        request = self.enqueue(task, memory, inputs, record_routing=record_routing)
+        """Queue one request and wait for its result (Overloaded, RequestTimeout, InferenceFailed).
+        `max_length` bounds the cost estimate of rows without a memory (a memory brings its own)."""
+        request = self.enqueue(task, memory, inputs, record_routing=record_routing, max_length=max_length)
         try:
             # Cancelling the wrapper (timeout, client gone) cancels the queued request: it is skipped.
             return await asyncio.wait_for(asyncio.wrap_future(request.future), self.request_timeout_s)
@@ -234,10 +242,16 @@ class Batcher:
             ) from None
 
     def enqueue(
-        self, task: str, memory: TaskMemory, inputs: Sequence[TextInput], *, record_routing: bool = False
+        self,
+        task: str,
+        memory: TaskMemory | None,
+        inputs: Sequence[TextInput],
+        *,
+        record_routing: bool = False,
+        max_length: int = 512,
     ) -> QueuedRequest:
         now = time.monotonic()
-        cost = estimated_tokens(inputs, memory.spec.max_length)
+        cost = estimated_tokens(inputs, memory.spec.max_length if memory is not None else max_length)
         request = QueuedRequest(
             task, memory, inputs, record_routing, now, now + self.request_timeout_s, cost_tokens=cost
         )
@@ -431,7 +445,7 @@ class Batcher:
         tasks = tuple(dict.fromkeys(request.task for request in batch))
         record = BatchRecord(
             tasks=tasks,
-            versions=tuple(dict.fromkeys(request.memory.version for request in batch)),
+            versions=tuple(dict.fromkeys(r.memory.version for r in batch if r.memory is not None)),
             requests=len(batch),
             rows=sum(request.rows for request in batch),
             passes=tuple(passes),

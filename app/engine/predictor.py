@@ -17,7 +17,7 @@ from typing import Protocol
 from app.engine.batcher import Batcher, RequestResult
 from app.engine.inputs import InputLimits, TextInput, check_fits_task, check_limits
 from app.engine.runner import ParentCounts
-from app.errors import SpartanError
+from app.errors import outcome_of
 from app.metrics import UNKNOWN_TASK, Metrics
 from app.spartan.memory import MemorySpec, Pooling, TaskMemory, TaskType
 
@@ -62,13 +62,6 @@ def interpret(spec: MemorySpec, result: RequestResult, *, all_scores: bool) -> l
         scores = dict(zip(spec.labels, probabilities, strict=True)) if all_scores else None
         predictions.append(Prediction(spec.labels[best], probabilities[best], scores, None, row.routing))
     return predictions
-
-
-def outcome_of(error: BaseException) -> str:
-    """The requests metric's outcome label for a request this error ended."""
-    if isinstance(error, asyncio.CancelledError):
-        return "cancelled"
-    return error.outcome if isinstance(error, SpartanError) else "error"
 
 
 class Predictor:
@@ -116,10 +109,11 @@ class Predictor:
         label = self.metrics.task_label(task)
         self.metrics.queue_wait.labels(label).observe(result.queue_wait_s)
         self.metrics.inference_duration.labels(label).observe(result.inference_s)
-        spec = result.memory.spec
+        assert memory is not None  # resolved before queueing: the memory that answered
+        spec = memory.spec
         return PredictionResult(
             task=task,
-            version=result.memory.version,
+            version=memory.version,
             task_type=spec.task_type,
             pooling=spec.pooling,
             predictions=interpret(spec, result, all_scores=all_scores),

@@ -76,3 +76,19 @@ def test_bf16_serving_agrees_with_fp32(minilm_encoder: Any, bf16_encoder: Sparta
     assert bf16.dtype == torch.float32  # heads and memories run in fp32 whatever the backbone
     torch.testing.assert_close(bf16, fp32, rtol=0, atol=0.03)
     assert bf16.argmax(-1).tolist() == fp32.argmax(-1).tolist()
+
+
+def test_embedding_rows_share_a_pass_with_task_rows(minilm_encoder: Any) -> None:
+    """Rows without a memory (the embeddings API) ride in the same pass as task rows: each gets what
+    it gets alone, and embeddings are unit vectors (the model's Normalize module)."""
+    memory = build_memory(minilm_encoder, seed=7)
+    rows = [Row(None, TEXTS[0]), Row(memory, TEXTS[1]), Row(None, TEXTS[2]), Row(memory, TEXTS[3])]
+    runner = EncoderRunner(minilm_encoder)
+    results = runner.run(runner.prepare(rows))
+    for row, result in zip(rows, results, strict=True):
+        alone = runner.run(runner.prepare([row]))[0]
+        assert_f32_close(torch.tensor(result.outputs), torch.tensor(alone.outputs))
+        assert result.tokens == alone.tokens > 0
+    assert [len(r.outputs) for r in results] == [384, 2, 384, 2]
+    for embedding in (results[0], results[2]):
+        assert torch.tensor(embedding.outputs).norm() == pytest.approx(1.0, abs=1e-5)
