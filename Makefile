@@ -60,13 +60,14 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check app tests benchmarks
 	$(VENV)/bin/mypy
 
-# Real Prometheus (promtool) and nginx for the scale-out tests, from Debian's packages; a no-op when
-# both are there. Needs root or sudo on a machine without them.
+# Real Prometheus (promtool) and nginx for the scale-out tests, and Chromium for the page's test, from
+# Debian's packages; a no-op when all are there. Needs root or sudo on a machine without them.
 system-deps:
-	@command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v nginx >/dev/null || { \
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v nginx >/dev/null \
+	  && command -v chromium >/dev/null || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -q && \
-	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends prometheus nginx-light; }
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends prometheus nginx-light chromium; }
 
 # The suite also runs the peer benchmarks' smoke modes, which need the peers' environment.
 test: setup peers-env runtimes-env system-deps lint

@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from app.api import embeddings, health, predict, tasks
+from app.api import embeddings, health, predict, tasks, ui
 from app.api.deps import Services
 from app.api.errors import install_error_handlers
 from app.api.limits import BodyDeadline, DeclaredLengthLimit
@@ -88,6 +88,7 @@ def create_app(settings: Settings | None = None, *, encoder: SpartanEncoder | No
         embeddings.build_router(settings),
         tasks.build_router(settings),
         health.build_router(settings),
+        ui.build_router(),
     ]
     for router in routers:
         app.include_router(router)
