@@ -59,6 +59,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check app tests benchmarks
 	$(VENV)/bin/ruff format --check app tests benchmarks
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 # Real Prometheus (promtool) and nginx for the scale-out tests, and Chromium for the page's test, from
 # Debian's packages; a no-op when all are there. Needs root or sudo on a machine without them.
