@@ -22,7 +22,7 @@ from app.api.deps import Services
 from app.api.errors import install_error_handlers
 from app.api.limits import BodyDeadline, DeclaredLengthLimit
 from app.engine.backbone import load_backbone, resolve_precision
-from app.engine.batcher import Batcher
+from app.engine.batcher import Batcher, BatchingConfig
 from app.engine.embedder import Embedder
 from app.engine.encoder import SpartanEncoder
 from app.engine.inputs import InputLimits
@@ -125,19 +125,10 @@ def build_services(settings: Settings, metrics: Metrics, encoder: SpartanEncoder
         registry.add_listener(routing_tally.on_memory_change)
     registry.refresh_when_reachable(STORE_START_TIMEOUT_S)
     registry.load_pinned()
-    batcher = Batcher(
-        EncoderRunner(encoder, routing_tally),
-        max_batch_size=settings.max_batch_size,
-        max_wait_s=settings.max_wait_ms / 1000,
-        max_queue_rows=settings.max_queue_rows,
-        max_queue_work_s=settings.max_queue_work_s,
-        request_timeout_s=settings.request_timeout_s,
-        bucket_overhead_tokens=settings.bucket_overhead_tokens,
-        metrics=metrics,
-    )
+    batcher = Batcher(EncoderRunner(encoder, routing_tally), BatchingConfig.from_settings(settings), metrics)
     batcher.start()
     registry.start_polling(settings.store_poll_interval_s)
-    limits = InputLimits(settings.max_inputs_per_request, settings.max_text_chars)
+    limits = InputLimits.from_settings(settings)
     log.info(
         "serving %d tasks from %s on backbone %s (max batch %d, max wait %.1f ms)",
         len(registry.list()),

@@ -129,11 +129,12 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(
         default=30.0, gt=0.0, description="Deadline of a prediction request, queueing included (then 504)."
     )
-    bucket_overhead_tokens: int = Field(
+    pass_overhead_tokens: int = Field(
         default=64,
         ge=0,
-        description="Length bucketing: the cost of one extra forward pass, in padded tokens. A batch is "
-        "split by length only where that saves more padding than this (64 measured best for MiniLM on CPU).",
+        description="Pass planning: the cost of one extra forward pass, in padded tokens. A batch's rows, "
+        "sorted by length, are split into several passes only where that saves more padding than this "
+        "(64 measured best for MiniLM on CPU). Was bucket_overhead_tokens.",
     )
     max_inputs_per_request: int = Field(
         default=64, ge=1, le=4096, description="Most inputs (texts or text pairs) in one predict request."

@@ -352,7 +352,7 @@ def inprocess_throughput(
     from app.engine.runner import EncoderRunner, Row
     from app.settings import Settings
 
-    overhead = Settings().bucket_overhead_tokens
+    overhead = Settings().pass_overhead_tokens
 
     rng = random.Random(3)
     batches = [rng.sample(texts, config.batch_size) for _ in range(config.inprocess_batches)]

@@ -31,6 +31,7 @@ from app.engine.inputs import TextInput
 from app.engine.runner import PreparedRow, Row, RowOutput, Runner
 from app.errors import InferenceFailed, NonFiniteOutput, NotReady, Overloaded, RequestTimeout, SpartanError
 from app.metrics import Metrics
+from app.settings import Settings
 from app.spartan.memory import TaskMemory
 
 log = logging.getLogger(__name__)
@@ -140,30 +141,36 @@ def plan_passes(lengths: Sequence[int], max_rows: int, overhead_tokens: int) -> 
     return passes[::-1]
 
 
+@dataclass(frozen=True)
+class BatchingConfig:
+    """The batcher's knobs. Built from Settings (`from_settings`), the one place their defaults live."""
+
+    max_batch_size: int  # most rows in one forward pass
+    max_wait_s: float  # longest the oldest request waits for a batch to fill
+    max_queue_rows: int  # most rows waiting
+    max_queue_work_s: float  # most estimated seconds of work waiting (admission by cost)
+    request_timeout_s: float  # a request's deadline, queueing included
+    pass_overhead_tokens: int  # the cost of one more forward pass, in padded tokens (pass planning)
+    stall_after_s: float = 120.0  # not a setting: a batch running this long means a stuck worker
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> BatchingConfig:
+        return cls(
+            max_batch_size=settings.max_batch_size,
+            max_wait_s=settings.max_wait_ms / 1000,
+            max_queue_rows=settings.max_queue_rows,
+            max_queue_work_s=settings.max_queue_work_s,
+            request_timeout_s=settings.request_timeout_s,
+            pass_overhead_tokens=settings.pass_overhead_tokens,
+        )
+
+
 class Batcher:
     """Queue + worker thread. `submit` from the event loop; everything else is thread-safe."""
 
-    def __init__(
-        self,
-        runner: Runner,
-        *,
-        max_batch_size: int = 32,
-        max_wait_s: float = 0.005,
-        max_queue_rows: int = 2048,
-        max_queue_work_s: float = 10.0,
-        request_timeout_s: float = 30.0,
-        bucket_overhead_tokens: int = 64,
-        stall_after_s: float = 120.0,
-        metrics: Metrics | None = None,
-    ) -> None:
+    def __init__(self, runner: Runner, config: BatchingConfig, metrics: Metrics | None = None) -> None:
         self.runner = runner
-        self.max_batch_size = max_batch_size
-        self.max_wait_s = max_wait_s
-        self.max_queue_rows = max_queue_rows
-        self.max_queue_work_s = max_queue_work_s
-        self.request_timeout_s = request_timeout_s
-        self.bucket_overhead_tokens = bucket_overhead_tokens
-        self.stall_after_s = stall_after_s
+        self.config = config
         self.metrics = metrics or Metrics()
         self._queue: deque[QueuedRequest] = deque()
         self._queued_rows = 0
@@ -175,7 +182,7 @@ class Batcher:
         self._busy_since: float | None = None  # when the batch in progress started
         self._batch_seconds = 0.1  # moving average of a batch's duration, for Retry-After
         self._listeners: list[Callable[[BatchRecord], None]] = []
-        self.metrics.queue_capacity.set(max_queue_rows)
+        self.metrics.queue_capacity.set(config.max_queue_rows)
 
     # --------------------------------------------------------------------------------- lifecycle
 
@@ -207,8 +214,8 @@ class Batcher:
         if self._thread is None or not self._thread.is_alive():
             return "batch worker is not running"
         busy_since = self._busy_since
-        if busy_since is not None and time.monotonic() - busy_since > self.stall_after_s:
-            return f"batch worker has been stuck on one batch for over {self.stall_after_s:.0f}s"
+        if busy_since is not None and time.monotonic() - busy_since > self.config.stall_after_s:
+            return f"batch worker has been stuck on one batch for over {self.config.stall_after_s:.0f}s"
         return None
 
     def add_listener(self, listener: Callable[[BatchRecord], None]) -> None:
@@ -235,10 +242,11 @@ class Batcher:
         request = self.enqueue(task, memory, inputs, record_routing=record_routing, max_length=max_length)
         try:
             # Cancelling the wrapper (timeout, client gone) cancels the queued request: it is skipped.
-            return await asyncio.wait_for(asyncio.wrap_future(request.future), self.request_timeout_s)
+            return await asyncio.wait_for(asyncio.wrap_future(request.future), self.config.request_timeout_s)
         except TimeoutError:
             raise RequestTimeout(
-                f"no result within {self.request_timeout_s:g}s (queue or inference too slow); retry later"
+                f"no result within {self.config.request_timeout_s:g}s (queue or inference too slow); "
+                "retry later"
             ) from None
 
     def enqueue(
@@ -253,7 +261,7 @@ class Batcher:
         now = time.monotonic()
         cost = estimated_tokens(inputs, memory.spec.max_length if memory is not None else max_length)
         request = QueuedRequest(
-            task, memory, inputs, record_routing, now, now + self.request_timeout_s, cost_tokens=cost
+            task, memory, inputs, record_routing, now, now + self.config.request_timeout_s, cost_tokens=cost
         )
         with self._cond:
             if self._stopping or self._thread is None:
@@ -271,22 +279,22 @@ class Batcher:
 
         An empty queue takes any request (else one larger than the budget could never run).
         """
-        if self._queued_rows + request.rows > self.max_queue_rows:
+        if self._queued_rows + request.rows > self.config.max_queue_rows:
             raise Overloaded(
-                f"the queue is full ({self._queued_rows} of {self.max_queue_rows} rows waiting)",
+                f"the queue is full ({self._queued_rows} of {self.config.max_queue_rows} rows waiting)",
                 retry_after=self._retry_after(),
             )
         work_s = (self._queued_tokens + request.cost_tokens) * self._seconds_per_token
-        if self._queue and work_s > self.max_queue_work_s:
+        if self._queue and work_s > self.config.max_queue_work_s:
             raise Overloaded(
                 f"the queue is full: about {work_s:.1f}s of work with this request, at most "
-                f"{self.max_queue_work_s:g}s are accepted",
+                f"{self.config.max_queue_work_s:g}s are accepted",
                 retry_after=self._retry_after(),
             )
 
     def _retry_after(self) -> float:
         # The time the work queued ahead needs to drain, at the recent pace; at least a second.
-        by_rows = self._queued_rows / self.max_batch_size * self._batch_seconds
+        by_rows = self._queued_rows / self.config.max_batch_size * self._batch_seconds
         by_tokens = self._queued_tokens * self._seconds_per_token
         return max(1.0, by_rows, by_tokens)
 
@@ -314,8 +322,8 @@ class Batcher:
                 self._cond.wait()
             if self._stopping:
                 return []
-            fill_deadline = self._queue[0].enqueued_at + self.max_wait_s
-            while self._queued_rows < self.max_batch_size and not self._stopping:
+            fill_deadline = self._queue[0].enqueued_at + self.config.max_wait_s
+            while self._queued_rows < self.config.max_batch_size and not self._stopping:
                 remaining = fill_deadline - time.monotonic()
                 if remaining <= 0:
                     break
@@ -331,7 +339,7 @@ class Batcher:
         now = time.monotonic()
         while self._queue:
             request = self._queue[0]
-            if batch and rows + request.rows > self.max_batch_size:
+            if batch and rows + request.rows > self.config.max_batch_size:
                 break
             self._queue.popleft()
             self._queued_rows -= request.rows
@@ -392,7 +400,7 @@ class Batcher:
             else:
                 runnable.append(index)
         lengths = [prepared[i].length for i in runnable]
-        for planned in plan_passes(lengths, self.max_batch_size, self.bucket_overhead_tokens):
+        for planned in plan_passes(lengths, self.config.max_batch_size, self.config.pass_overhead_tokens):
             indices = [runnable[i] for i in planned]
             tasks = tuple(dict.fromkeys(batch[owners[i][0]].task for i in indices))
             passes.append(PassRecord(len(indices), max(prepared[i].length for i in indices), tasks))

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from app.errors import InvalidInput
+from app.settings import Settings
 from app.spartan.memory import MemorySpec
 
 TextInput = tuple[str, str | None]  # a text, and its pair for pair tasks
@@ -16,8 +17,12 @@ TextInput = tuple[str, str | None]  # a text, and its pair for pair tasks
 
 @dataclass(frozen=True)
 class InputLimits:
-    max_inputs: int = 64
-    max_text_chars: int = 10_000
+    max_inputs: int
+    max_text_chars: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> InputLimits:
+        return cls(settings.max_inputs_per_request, settings.max_text_chars)
 
 
 def check_limits(inputs: Sequence[TextInput], limits: InputLimits) -> None:

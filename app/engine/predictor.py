@@ -68,12 +68,12 @@ class Predictor:
     """Serves prediction requests over the registry and the batcher, and accounts for them."""
 
     def __init__(
-        self, resolver: MemoryResolver, batcher: Batcher, metrics: Metrics, limits: InputLimits | None = None
+        self, resolver: MemoryResolver, batcher: Batcher, metrics: Metrics, limits: InputLimits
     ) -> None:
         self.resolver = resolver
         self.batcher = batcher
         self.metrics = metrics
-        self.limits = limits or InputLimits()
+        self.limits = limits
         # Cold loads run on one dedicated thread. Each thread that loads keeps its own malloc arena
         # with the loads' freed buffers; with one loader, RSS stays within ~1.1x of the resident
         # memories (1.23x with two; measured with 400 tasks). A load takes 10-30 ms, so one thread

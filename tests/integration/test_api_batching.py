@@ -50,7 +50,7 @@ def test_concurrent_requests_of_three_tasks_share_passes_and_match_serving_alone
 ) -> None:
     # No fill window: the worker takes whatever is queued, and the held runner decides what that is.
     # A huge pass overhead makes the planner keep a batch in one pass (no cut saves that much padding).
-    settings = settings_for(max_batch_size=64, max_wait_ms=0, bucket_overhead_tokens=100_000)
+    settings = settings_for(max_batch_size=64, max_wait_ms=0, pass_overhead_tokens=100_000)
     for task, options in TASKS.items():
         write_memory(settings, task, memory_file(**options))
     records: list[BatchRecord] = []

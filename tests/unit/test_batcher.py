@@ -10,13 +10,15 @@ import asyncio
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 import pytest
 
-from app.engine.batcher import Batcher, BatchRecord, estimated_tokens, plan_passes
+from app.engine.batcher import Batcher, BatchingConfig, BatchRecord, estimated_tokens, plan_passes
 from app.engine.runner import PreparedRow, Row, RowOutput
 from app.errors import InferenceFailed, InvalidInput, NonFiniteOutput, NotReady, Overloaded, RequestTimeout
 from app.metrics import Metrics
+from app.settings import Settings
 from app.spartan.memory import MemorySpec, TaskMemory
 
 
@@ -66,9 +68,11 @@ class FakeRunner:
         ]
 
 
-def make_batcher(runner: FakeRunner, **kwargs) -> tuple[Batcher, list[BatchRecord]]:
-    options = {"max_batch_size": 8, "max_wait_s": 0.01, "max_queue_rows": 64, "request_timeout_s": 10.0}
-    batcher = Batcher(runner, metrics=Metrics(), **{**options, **kwargs})
+def make_batcher(runner: FakeRunner, **changes) -> tuple[Batcher, list[BatchRecord]]:
+    """A started batcher: the service's defaults (from Settings), small and fast, with `changes`."""
+    small = {"max_batch_size": 8, "max_wait_s": 0.01, "max_queue_rows": 64, "request_timeout_s": 10.0}
+    config = replace(BatchingConfig.from_settings(Settings()), **{**small, **changes})
+    batcher = Batcher(runner, config, Metrics())
     records: list[BatchRecord] = []
     batcher.add_listener(records.append)
     batcher.start()
@@ -101,7 +105,7 @@ def test_rows_of_different_tasks_share_one_forward_pass() -> None:
 
 def test_results_follow_input_order_after_length_sorting() -> None:
     runner = FakeRunner()
-    batcher, records = make_batcher(runner, bucket_overhead_tokens=0)
+    batcher, records = make_batcher(runner, pass_overhead_tokens=0)
     texts = ["w " * n for n in (5, 1, 9, 3, 7)]
 
     async def scenario():
@@ -170,7 +174,7 @@ def test_a_request_that_waits_too_long_times_out_and_the_worker_goes_on() -> Non
 def test_a_failing_pass_fails_only_its_own_requests() -> None:
     runner = FakeRunner(hold=True)
     # No pass overhead: rows of different lengths run in different passes of the same batch.
-    batcher, records = make_batcher(runner, bucket_overhead_tokens=0, max_wait_s=0.2)
+    batcher, records = make_batcher(runner, pass_overhead_tokens=0, max_wait_s=0.2)
     memory = tiny_task(1)
 
     async def scenario():
