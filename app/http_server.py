@@ -6,6 +6,7 @@ import asyncio
 import ctypes
 import logging
 import os
+import signal
 import socket
 import struct
 import sys
@@ -75,7 +76,7 @@ class DrainingServer(uvicorn.Server):
 
 
 def serve_http(app: ASGIApp, settings: Settings) -> None:
-    """Run `app` until SIGTERM or SIGINT, then drain; exit with status 3 if it never started."""
+    """Run `app` until SIGTERM or SIGINT, then drain; exit with status 3 if it never started, else 0."""
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -89,6 +90,12 @@ def serve_http(app: ASGIApp, settings: Settings) -> None:
         limit_concurrency=settings.max_connections,
     )
     server = DrainingServer(config)
-    server.run()
+    # uvicorn re-raises a handled SIGTERM once it has drained, to the handler it found: the default one
+    # kills the process (status 143) after a clean shutdown. Its own handler there makes that a no-op.
+    previous = signal.signal(signal.SIGTERM, server.handle_exit)
+    try:
+        server.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if not server.started:
         sys.exit(3)  # uvicorn's STARTUP_FAILURE: the port was taken, or the lifespan failed
