@@ -7,22 +7,34 @@ yields the same split. readers.py reads CSV/TSV/JSONL; files.py, glue.py and nam
 three sources. This module only re-exports their public names.
 """
 
-from app.training.datasets.files import load_files
+from app.training.datasets.files import load_files, load_test_file
 from app.training.datasets.glue import load_glue
 from app.training.datasets.named import NAMED, NamedDataset, load_named, strip_newsgroup_header
 from app.training.datasets.sampling import few_shot, split_examples
-from app.training.datasets.types import TASK_TYPES, Example, TaskData, ordered_labels
+from app.training.datasets.types import (
+    TASK_TYPES,
+    Example,
+    FileRead,
+    TaskData,
+    label_difference,
+    name_some,
+    ordered_labels,
+)
 
 __all__ = [
     "NAMED",
     "TASK_TYPES",
     "Example",
+    "FileRead",
     "NamedDataset",
     "TaskData",
     "few_shot",
+    "label_difference",
     "load_files",
     "load_glue",
     "load_named",
+    "load_test_file",
+    "name_some",
     "ordered_labels",
     "split_examples",
     "strip_newsgroup_header",

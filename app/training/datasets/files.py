@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -11,7 +11,7 @@ from app.errors import DatasetError
 from app.spartan.memory import TaskType
 from app.training.datasets.readers import as_number, field_value, read_records, text_value
 from app.training.datasets.sampling import split_examples
-from app.training.datasets.types import TASK_TYPES, Example, TaskData, ordered_labels
+from app.training.datasets.types import TASK_TYPES, Example, FileRead, TaskData, ordered_labels
 
 
 @dataclass(frozen=True)
@@ -24,14 +24,16 @@ class _Raw:
     label: object
 
 
-def _raw_examples(path: Path, text_column: str, label_column: str, pair_column: str | None) -> list[_Raw]:
-    records = read_records(path)
+def _raw_examples(
+    path: Path, text_column: str, label_column: str, pair_column: str | None
+) -> tuple[list[_Raw], FileRead]:
+    records, read = read_records(path)
     if path.suffix.lower() in (".csv", ".tsv", ".tab"):  # tables: check the header once
         columns = list(records[0][1])
         for column in (text_column, label_column, pair_column):
             if column is not None and column not in columns:
                 raise DatasetError(f"{path} has no column {column!r} (columns: {', '.join(columns)})")
-    return [
+    raws = [
         _Raw(
             where=f"{path}: line {line}",
             text=text_value(path, line, record, text_column),
@@ -40,6 +42,7 @@ def _raw_examples(path: Path, text_column: str, label_column: str, pair_column: 
         )
         for line, record in records
     ]
+    return raws, read
 
 
 def _infer_task_type(raw_labels: Sequence[object]) -> TaskType:
@@ -93,6 +96,34 @@ def _fill_missing_splits(
     return train, dev, test
 
 
+def _read_splits(
+    paths: Mapping[str, Path | None],
+    text_column: str,
+    label_column: str,
+    pair_column: str | None,
+    task_type: str | None,
+) -> tuple[TaskType, dict[str, list[Example]], tuple[FileRead, ...]]:
+    """Each given file's examples, under one task type and one label naming for all of them."""
+    if task_type is not None and task_type not in TASK_TYPES:
+        raise DatasetError(f"unknown task type {task_type!r}; use one of {', '.join(TASK_TYPES)}")
+    read = {
+        split: _raw_examples(Path(path), text_column, label_column, pair_column)
+        for split, path in paths.items()
+        if path is not None
+    }
+    all_labels = [r.label for rows, _ in read.values() for r in rows]
+    kind = task_type if task_type is not None else _infer_task_type(all_labels)
+    namer = _class_namer(all_labels)
+    splits = {split: _to_examples(rows, kind, namer) for split, (rows, _) in read.items()}
+    return kind, splits, tuple(file_read for _, file_read in read.values())
+
+
+def _labels_of(kind: TaskType, *splits: Sequence[Example]) -> tuple[str, ...]:
+    if kind != "classification":
+        return ()
+    return ordered_labels(str(ex.label) for split in splits for ex in split)
+
+
 def load_files(
     train: Path,
     *,
@@ -110,22 +141,27 @@ def load_files(
     The task type is `task_type` when given, else regression when every label is a number and some
     are not whole, else classification. Missing dev/test splits are cut from train with a fixed
     seeded split (stratified for classification). The name defaults to the train file's stem (its
-    folder's name when the stem is just "train").
+    folder's name when the stem is just "train"). `reads` says how many rows each file gave and
+    what in it looked wrong.
     """
-    if task_type is not None and task_type not in TASK_TYPES:
-        raise DatasetError(f"unknown task type {task_type!r}; use one of {', '.join(TASK_TYPES)}")
     paths = {"train": train, "dev": dev, "test": test}
-    raw = {
-        split: _raw_examples(Path(path), text_column, label_column, pair_column)
-        for split, path in paths.items()
-        if path is not None
-    }
-    all_labels = [r.label for rows in raw.values() for r in rows]
-    kind = task_type if task_type is not None else _infer_task_type(all_labels)
-    namer = _class_namer(all_labels)
-    splits = {split: _to_examples(rows, kind, namer) for split, rows in raw.items()}
+    kind, splits, reads = _read_splits(paths, text_column, label_column, pair_column, task_type)
     stratify = kind == "classification"
     tr, dv, ts = _fill_missing_splits(splits["train"], splits.get("dev"), splits.get("test"), seed, stratify)
-    labels = ordered_labels(str(ex.label) for ex in (*tr, *dv, *ts)) if stratify else ()
     task_name = name or (Path(train).parent.name if Path(train).stem == "train" else Path(train).stem)
-    return TaskData(task_name, kind, labels, tr, dv, ts)
+    return TaskData(task_name, kind, _labels_of(kind, tr, dv, ts), tr, dv, ts, reads=reads)
+
+
+def load_test_file(
+    test: Path,
+    *,
+    text_column: str = "text",
+    label_column: str = "label",
+    pair_column: str | None = None,
+    task_type: str | None = None,
+) -> TaskData:
+    """One file as a test split, every row of it, nothing cut off (train and dev are empty): what
+    `spartan eval --test-file` scores."""
+    kind, splits, reads = _read_splits({"test": test}, text_column, label_column, pair_column, task_type)
+    examples = splits["test"]
+    return TaskData(Path(test).stem, kind, _labels_of(kind, examples), [], [], examples, reads=reads)

@@ -7,11 +7,13 @@ import functools
 import io
 import json
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
 from app.errors import DatasetError
+from app.training.datasets.types import FileRead
 
 
 @functools.cache
@@ -87,15 +89,58 @@ def _jsonl_records(path: Path) -> list[Record]:
     return records
 
 
-def read_records(path: Path) -> list[Record]:
+def read_records(path: Path) -> tuple[list[Record], FileRead]:
+    """A user file's records, and what reading it found (rows, lines, fields that look wrong)."""
     suffix = path.suffix.lower()
-    if suffix == ".csv":
-        return table_records(path, ",")
-    if suffix in (".tsv", ".tab"):
-        return table_records(path, "\t")
+    if suffix in (".csv", ".tsv", ".tab"):
+        records = table_records(path, "," if suffix == ".csv" else "\t")
+        return records, check_table(path, records)
     if suffix in (".jsonl", ".ndjson"):
-        return _jsonl_records(path)
+        records = _jsonl_records(path)
+        return records, FileRead(path, len(records), records[-1][0])
     raise DatasetError(f"{path}: unsupported file type {suffix!r} (use .csv, .tsv or .jsonl)")
+
+
+# A field this many times its column's median length (and at least LONG_FIELD_MIN_CHARS) looks like
+# a stray quote that swallowed the rows after it; so does a field with line breaks.
+LONG_FIELD_FACTOR = 20
+LONG_FIELD_MIN_CHARS = 1000
+
+
+def check_table(path: Path, records: Sequence[Record]) -> FileRead:
+    """Count rows and lines; warn on quoted fields that span lines or dwarf the rest of their column.
+
+    Either is legal CSV, but it is also what an unbalanced quote looks like: the reader then takes
+    everything up to the next quote, often thousands of lines, as one field, and loads silently.
+    """
+    last_line, last = records[-1]
+    lines = last_line + sum(str(v).count("\n") for v in last.values() if isinstance(v, str))
+    multiline: list[tuple[int, str, int]] = []  # (line, column, lines spanned)
+    long: list[tuple[int, str, int, float]] = []  # (line, column, chars, column median)
+    columns = list(records[0][1])
+    for column in columns:
+        cells = [(line, v) for line, rec in records if isinstance(v := rec.get(column), str)]
+        median = statistics.median(len(v) for _, v in cells) if cells else 0.0
+        for line, value in cells:
+            breaks = value.count("\n") + value.count("\r") - value.count("\r\n")
+            if breaks:
+                multiline.append((line, column, breaks + 1))
+            if len(value) >= LONG_FIELD_MIN_CHARS and len(value) > LONG_FIELD_FACTOR * median:
+                long.append((line, column, len(value), median))
+    warnings = []
+    if multiline:
+        line, column, spanned = max(multiline, key=lambda m: m[2])
+        warnings.append(
+            f"{path}: {len(multiline)} field(s) contain line breaks, the longest in column {column!r} at "
+            f"line {line}, spanning {spanned} lines: an unbalanced quote swallows the rows after it"
+        )
+    if long:
+        line, column, chars, median = max(long, key=lambda m: m[2])
+        warnings.append(
+            f"{path}: {len(long)} field(s) are over {LONG_FIELD_FACTOR}x their column's median length, "
+            f"the longest in column {column!r} at line {line} ({chars} characters, median {median:.0f})"
+        )
+    return FileRead(path, len(records), lines, tuple(warnings))
 
 
 def field_value(path: Path, line: int, record: Mapping[str, object], column: str) -> object:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import cast
 
 from app.errors import DatasetError
@@ -22,6 +23,40 @@ class Example:
 
 
 @dataclass(frozen=True)
+class FileRead:
+    """What reading one user file found: rows read, physical lines, and what looked wrong."""
+
+    path: Path
+    rows: int
+    lines: int
+    warnings: tuple[str, ...] = ()
+
+    def summary(self) -> str:
+        return f"{self.path}: {self.rows} rows read ({self.lines} lines)"
+
+
+def name_some(names: Iterable[str], shown: int = 5) -> str:
+    """The first few names, quoted, and how many there are: one line even for 150 classes."""
+    names = list(names)
+    head = ", ".join(repr(n) for n in names[:shown])
+    more = f", ... ({len(names)} in all)" if len(names) > shown else f" ({len(names)})"
+    return head + more
+
+
+def label_difference(expected: Iterable[str], found: Iterable[str]) -> str:
+    """Which labels of `found` are not `expected` (extra) and which `expected` ones are absent (missing)."""
+    expected, found = list(expected), list(found)
+    expected_set, found_set = set(expected), set(found)
+    extra = [label for label in dict.fromkeys(found) if label not in expected_set]
+    missing = [label for label in expected if label not in found_set]
+    parts = [
+        f"extra labels {name_some(extra)}" if extra else "",
+        f"missing labels {name_some(missing)}" if missing else "",
+    ]
+    return "; ".join(part for part in parts if part) or "the same labels in another order"
+
+
+@dataclass(frozen=True)
 class TaskData:
     """A task's splits. `labels` orders the classes: class i of a model is labels[i]."""
 
@@ -31,6 +66,7 @@ class TaskData:
     train: list[Example]
     dev: list[Example]
     test: list[Example]
+    reads: tuple[FileRead, ...] = field(default=(), compare=False, kw_only=True)  # user files only
 
     def __post_init__(self) -> None:
         if self.task_type not in TASK_TYPES:
@@ -42,10 +78,13 @@ class TaskData:
         if not self.labels or len(set(self.labels)) != len(self.labels):
             raise DatasetError(f"task {self.name}: class labels must be non-empty and unique")
         known = set(self.labels)
-        for split in (self.train, self.dev, self.test):
-            stray = next((ex.label for ex in split if ex.label not in known), None)
-            if stray is not None:
-                raise DatasetError(f"task {self.name}: label {stray!r} is not one of {list(self.labels)}")
+        stray = dict.fromkeys(
+            str(ex.label) for s in (self.train, self.dev, self.test) for ex in s if ex.label not in known
+        )
+        if stray:
+            raise DatasetError(
+                f"task {self.name}: labels not among its {len(self.labels)} classes: {name_some(stray)}"
+            )
 
     @functools.cached_property
     def has_pairs(self) -> bool:
