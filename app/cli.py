@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -14,8 +15,11 @@ from app.errors import SpartanError
 from app.settings import Settings
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from app.engine.encoder import SpartanEncoder
-    from app.training.datasets import TaskData
+    from app.spartan.memory import TaskMemory
+    from app.training.datasets import Example, TaskData
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 
@@ -39,6 +43,13 @@ GlueOpt = Annotated[
 TextColOpt = Annotated[str, typer.Option(help="Text column of user files.")]
 PairColOpt = Annotated[str | None, typer.Option(help="Second-text column of user files (pair tasks).")]
 LabelColOpt = Annotated[str, typer.Option(help="Label column of user files.")]
+PredictionsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Write one JSON line per scored example: text, pair, label (gold), predicted, score "
+        "(the predicted class's probability; regression: predicted is the value)."
+    ),
+]
 TaskTypeOpt = Annotated[
     str | None, typer.Option(help="classification or regression (default: inferred from the labels).")
 ]
@@ -116,6 +127,67 @@ def _load_data(
     )
 
 
+def _report_reads(data: TaskData) -> None:
+    """What reading the user's files found, on stderr (eval's stdout is its JSON)."""
+    for read in data.reads:
+        typer.echo(f"read {read.summary()}", err=True)
+        for warning in read.warnings:
+            typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
+
+
+def _scored_source(
+    split: str,
+    dataset: str | None,
+    train_file: Path | None,
+    dev_file: Path | None,
+    test_file: Path | None,
+    glue: Path | None,
+    seed: int,
+) -> tuple[str | None, str]:
+    """(the file whose rows were scored, or None; what exactly was scored, in words)."""
+    if dataset is not None:
+        return None, f"the {split} split of dataset {dataset} (seed {seed})"
+    if glue is not None:
+        if split == "test":
+            return str(glue), f"GLUE's dev file in {glue} (GLUE's test has no labels)"
+        what = "a seeded 10% of" if split == "dev" else "the rest of"
+        return str(glue / "train.tsv"), f"{what} {glue / 'train.tsv'} (seed {seed})"
+    given = {"train": train_file, "dev": dev_file, "test": test_file}[split]
+    if given is not None:
+        return str(given), f"every row of {given}" if split != "train" else f"the training rows of {given}"
+    assert train_file is not None
+    return str(train_file), (
+        f"a seeded {split} split cut from the training file {train_file} (seed {seed}), not a file of "
+        f"its own: pass --{split}-file to score one"
+    )
+
+
+def _memory_labelled(data: TaskData, memory: TaskMemory) -> TaskData:
+    """The data with the memory's class order (a test file may lack some classes); an error that
+    names only the labels that differ when the data has classes the memory does not know."""
+    from app.training.datasets import label_difference
+
+    spec = memory.spec
+    if spec.task_type != data.task_type:
+        raise SpartanError(f"the memory is a {spec.task_type} task, the data {data.task_type}")
+    if spec.task_type != "classification" or data.labels == spec.labels:
+        return data
+    if not set(data.labels) <= set(spec.labels):
+        raise SpartanError(
+            f"the data's labels differ from the memory's {len(spec.labels)}: "
+            f"{label_difference(spec.labels, data.labels)} (extra: in the data, not the memory)"
+        )
+    return replace(data, labels=spec.labels)
+
+
+def _write_predictions(path: Path, memory: TaskMemory, examples: list[Example], outputs: Tensor) -> None:
+    from app.training.trainer import prediction_records
+
+    with path.open("w", encoding="utf-8") as out:
+        for record in prediction_records(memory, examples, outputs):
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
 def _encoder(settings: Settings, *, serving_precision: bool) -> SpartanEncoder:
     """The encoder of this command: `eval` scores at the service's precision (so its labels are the
     served ones); `train` always runs the backbone in float32 (gradients flow through it)."""
@@ -143,9 +215,12 @@ def train(
     report: Annotated[
         Path | None, typer.Option(help="JSON report path (default: OUTPUT with .json).")
     ] = None,
-    few_shot: Annotated[int | None, typer.Option(min=1, help="Train on N examples only (few-shot).")] = None,
-    epochs: Annotated[int, typer.Option(min=1)] = 3,
-    lr: Annotated[float, typer.Option(min=0.0)] = 1e-3,
+    few_shot: Annotated[
+        int | None,
+        typer.Option(min=1, help="Train on N examples only (few-shot); then lr 3e-3, 10 epochs by default."),
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Default 3; 10 with --few-shot.")] = None,
+    lr: Annotated[float | None, typer.Option(min=0.0, help="Default 1e-3; 3e-3 with --few-shot.")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     max_length: Annotated[int, typer.Option(min=8)] = 128,
     seed: int = 42,
@@ -161,11 +236,20 @@ def train(
     cache_dir: CacheDir = None,
     threads: Annotated[int | None, typer.Option(min=1, help="torch threads.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+    predictions: PredictionsOpt = None,
 ) -> None:
-    """Fine-tune a task memory on a labelled dataset and write the file the service loads."""
+    """Fine-tune a task memory on a labelled dataset and write the file the service loads.
+
+    --predictions writes the test split's predictions of the kept epoch."""
     from app.spartan.memfile import save_memory
     from app.training.datasets import few_shot as take_few_shot
-    from app.training.trainer import TrainConfig, train_memory
+    from app.training.trainer import FEW_SHOT_EPOCHS, FEW_SHOT_LR, TrainConfig, predict_outputs, train_memory
+
+    defaults = TrainConfig()
+    if epochs is None:
+        epochs = FEW_SHOT_EPOCHS if few_shot else defaults.epochs
+    if lr is None:
+        lr = FEW_SHOT_LR if few_shot else defaults.lr
 
     if top_k > parents:
         raise typer.BadParameter(f"--top-k {top_k} exceeds --parents {parents}")
@@ -175,6 +259,7 @@ def train(
             settings.cache_dir, dataset, train_file, dev_file, test_file, glue,
             text_column, pair_column, label_column, task_type, seed,
         )  # fmt: skip
+        _report_reads(data)
         if few_shot:
             data = take_few_shot(data, few_shot, seed=seed)
         encoder = _encoder(settings, serving_precision=False)
@@ -188,6 +273,8 @@ def train(
             f"{len(data.labels) or 'regression'} labels, backbone {settings.backbone}"
         )
         memory, result = train_memory(encoder, data, config, show_progress=not quiet)
+        if predictions is not None:
+            _write_predictions(predictions, memory, data.test, predict_outputs(encoder, memory, data.test))
     except SpartanError as err:
         _fail(err)
         return
@@ -200,6 +287,8 @@ def train(
         )
     typer.echo(f"best epoch {result.best_epoch}; test {result.test}")
     typer.echo(f"wrote {output} ({result.memory_bytes} bytes, version {version[:12]}) and {report_path}")
+    if predictions is not None:
+        typer.echo(f"wrote {len(data.test)} test predictions to {predictions}")
 
 
 @cli.command("eval")
@@ -208,7 +297,10 @@ def eval_memory(
     dataset: DatasetOpt = None,
     train_file: TrainFileOpt = None,
     dev_file: DevFileOpt = None,
-    test_file: TestFileOpt = None,
+    test_file: Annotated[
+        Path | None,
+        typer.Option("--test-file", help="A file to score, every row of it (alone, or with --train-file)."),
+    ] = None,
     glue: GlueOpt = None,
     text_column: TextColOpt = "text",
     pair_column: PairColOpt = None,
@@ -219,29 +311,56 @@ def eval_memory(
     backbone: BackboneOpt = None,
     cache_dir: CacheDir = None,
     threads: Annotated[int | None, typer.Option(min=1)] = None,
+    predictions: PredictionsOpt = None,
 ) -> None:
-    """Score a memory file on a dataset split; prints the metrics as JSON."""
+    """Score a memory file on a dataset split; prints the metrics, and which file and split they
+    are of, as JSON.
+
+    `--test-file F` alone scores every row of F. With --train-file and no --test-file, the test split
+    is a seeded cut of the training file (the JSON's "scored" says so)."""
     from app.spartan.memfile import load_memory_file
-    from app.training.trainer import evaluate
+    from app.training.datasets import load_test_file
+    from app.training.trainer import predict_outputs, score_outputs
 
     if split not in {"train", "dev", "test"}:
         raise typer.BadParameter("--split must be train, dev or test")
+    test_only = test_file is not None and dataset is None and train_file is None and glue is None
+    if test_only and (split != "test" or dev_file is not None):
+        raise typer.BadParameter("--test-file alone is scored as the test split (no --split, no --dev-file)")
     settings = _settings(cache_dir, backbone, threads)
     try:
-        data = _load_data(
-            settings.cache_dir, dataset, train_file, dev_file, test_file, glue,
-            text_column, pair_column, label_column, task_type, seed,
-        )  # fmt: skip
         encoder = _encoder(settings, serving_precision=True)
         memory = load_memory_file(memory_file, encoder.identity())
-        if memory.spec.labels != data.labels:
-            _fail(SpartanError(f"memory labels {list(memory.spec.labels)} differ from the dataset's"))
-        metrics = evaluate(encoder, memory, data, getattr(data, split))
+        kind = task_type or memory.spec.task_type  # integer scores of a regression file are not classes
+        if test_only:
+            assert test_file is not None
+            data = load_test_file(
+                test_file, text_column=text_column, label_column=label_column, pair_column=pair_column,
+                task_type=kind,
+            )  # fmt: skip
+        else:
+            data = _load_data(
+                settings.cache_dir, dataset, train_file, dev_file, test_file, glue,
+                text_column, pair_column, label_column, kind, seed,
+            )  # fmt: skip
+        _report_reads(data)
+        data = _memory_labelled(data, memory)
+        examples = getattr(data, split)
+        outputs = predict_outputs(encoder, memory, examples)
+        metrics = score_outputs(memory, data, examples, outputs)
+        if predictions is not None:
+            _write_predictions(predictions, memory, examples, outputs)
     except SpartanError as err:
         _fail(err)
         return
-    typer.echo(json.dumps({"memory": str(memory_file), "split": split, "examples": len(getattr(data, split)),
-                           **metrics}, indent=2))  # fmt: skip
+    scored_file, scored = _scored_source(split, dataset, train_file, dev_file, test_file, glue, seed)
+    if scored_file is not None and scored.startswith("a seeded"):
+        typer.secho(f"note: scored {scored}", fg=typer.colors.YELLOW, err=True)
+    result = {"memory": str(memory_file), "split": split, "file": scored_file, "scored": scored,
+              "examples": len(examples), **metrics}  # fmt: skip
+    if predictions is not None:
+        result["predictions"] = str(predictions)
+    typer.echo(json.dumps(result, indent=2))
 
 
 @cli.command()

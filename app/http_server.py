@@ -8,6 +8,7 @@ import copy
 import ctypes
 import logging
 import os
+import signal
 import socket
 import struct
 import sys
@@ -338,7 +339,7 @@ def access_log_config(keep: list[str]) -> dict[str, Any]:
 
 
 def serve_http(app: ASGIApp, settings: Settings) -> None:
-    """Run `app` until SIGTERM or SIGINT, then drain; exit with status 3 if it never started."""
+    """Run `app` until SIGTERM or SIGINT, then drain; exit with status 3 if it never started, else 0."""
     limits = ConnectionLimits(settings.header_timeout_s, settings.max_header_bytes, settings.max_connections)
     config = GuardedConfig(
         app,
@@ -354,6 +355,12 @@ def serve_http(app: ASGIApp, settings: Settings) -> None:
         timeout_keep_alive=max(1, round(settings.keep_alive_timeout_s)),
     )
     server = DrainingServer(config)
-    server.run()
+    # uvicorn re-raises a handled SIGTERM once it has drained, to the handler it found: the default one
+    # kills the process (status 143) after a clean shutdown. Its own handler there makes that a no-op.
+    previous = signal.signal(signal.SIGTERM, server.handle_exit)
+    try:
+        server.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if not server.started:
         sys.exit(3)  # uvicorn's STARTUP_FAILURE: the port was taken, or the lifespan failed

@@ -37,7 +37,7 @@ def runner() -> CliRunner:
 def invoke(runner: CliRunner, *args: str) -> str:
     result = runner.invoke(cli, list(args), catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    return result.output
+    return result.stdout  # stderr has what was read from each file
 
 
 @pytest.mark.model
@@ -67,6 +67,7 @@ def test_train_writes_memory_and_report_and_eval_rescores_it(runner, tmp_path, c
     assert memory.spec.training["dataset"] == tmp_path.name  # a file named train.* takes its folder name
     scored = json.loads(invoke(runner, "eval", str(memory_path), *files, "--cache-dir", str(cache_dir)))
     assert scored["examples"] == 16
+    assert scored["file"] == str(tmp_path / "test.csv")
     assert scored["accuracy"] == pytest.approx(report["test"]["accuracy"])
     assert scored["macro_f1"] == pytest.approx(report["test"]["macro_f1"])
 

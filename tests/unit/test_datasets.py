@@ -135,6 +135,52 @@ def test_bad_files_give_clear_errors(tmp_path: Path, name: str, content: str, me
         load_files(write(tmp_path / name, content))
 
 
+def test_each_file_read_reports_its_rows_and_lines(tmp_path: Path) -> None:
+    data = load_files(sentiment_csv(tmp_path / "reviews.csv", 50), test=sentiment_csv(tmp_path / "t.csv", 8))
+    assert [(r.path.name, r.rows, r.lines, r.warnings) for r in data.reads] == [
+        ("reviews.csv", 50, 51, ()),
+        ("t.csv", 8, 9, ()),
+    ]
+    assert data.reads[0].summary().endswith("reviews.csv: 50 rows read (51 lines)")
+
+
+def test_a_stray_quote_that_swallows_rows_is_reported(tmp_path: Path) -> None:
+    """Row 3 opens a quote it never closes: csv reads the next 2,000 lines as one text field. The file
+    still loads (it is legal CSV), but the read says so: far fewer rows than lines, and why."""
+    lines = ["text,label", "fine,pos", "also fine,neg", '"broken, it opens a quote,pos']
+    lines += [f"row {i} that the quote swallows,{'pos' if i % 2 else 'neg'}" for i in range(2000)]
+    lines += ['closing" quote,neg', *(f"after {i},pos" for i in range(5))]
+    data = load_files(write(tmp_path / "mixed.csv", "\n".join(lines) + "\n"))
+    (read,) = data.reads
+    assert (read.rows, read.lines) == (8, 2010)
+    breaks, long = read.warnings
+    assert "1 field(s) contain line breaks" in breaks
+    assert "column 'text' at line 4, spanning 2002 lines" in breaks
+    assert "1 field(s) are over 20x their column's median length" in long
+    assert "column 'text' at line 4" in long
+
+
+def test_an_ordinary_multiline_field_warns_but_a_long_column_does_not(tmp_path: Path) -> None:
+    rows = [f'"{"a long review " * 200}",pos' for _ in range(10)] + ['"two\nlines",neg']
+    (read,) = load_files(write(tmp_path / "long.csv", "text,label\n" + "\n".join(rows) + "\n")).reads
+    assert read.rows == 11
+    assert len(read.warnings) == 1  # every text is long: none is far longer than the rest
+    assert (
+        "1 field(s) contain line breaks, the longest in column 'text' at line 12, spanning 2"
+        in read.warnings[0]
+    )
+
+
+def test_a_test_file_alone_is_every_row_of_the_test_split(tmp_path: Path) -> None:
+    from app.training.datasets import load_test_file
+
+    data = load_test_file(sentiment_csv(tmp_path / "held_out.csv", 30))
+    assert (len(data.train), len(data.dev), len(data.test)) == (0, 0, 30)
+    assert data.test[0] == Example("review 0, with a comma", "negative")
+    assert data.labels == ("negative", "positive")
+    assert data.reads[0].rows == 30
+
+
 def test_unreadable_files_give_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match=r"nothing\.csv: no such file"):
         load_files(tmp_path / "nothing.csv")
@@ -293,8 +339,15 @@ def test_few_shot_edge_cases() -> None:
 
 
 def test_task_data_rejects_labels_outside_its_classes() -> None:
-    with pytest.raises(DatasetError, match="label 'maybe' is not one of"):
+    with pytest.raises(DatasetError, match=r"labels not among its 2 classes: 'maybe' \(1\)"):
         TaskData("t", "classification", ("no", "yes"), [Example("x", "maybe")], [], [])
+    classes = tuple(f"intent_{i}" for i in range(64))
+    strays = [Example("x", f"other_{i}") for i in range(7)]
+    with pytest.raises(DatasetError) as raised:
+        TaskData("t", "classification", classes, strays, [], [])
+    message = str(raised.value)  # the stray labels, a few of them, and a count; not the 64 classes
+    assert "'other_0', 'other_1', 'other_2', 'other_3', 'other_4', ... (7 in all)" in message
+    assert "intent_" not in message
     with pytest.raises(DatasetError, match="no class labels"):
         TaskData("t", "regression", ("a",), [], [], [])
 
