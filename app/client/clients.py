@@ -148,7 +148,8 @@ class _Calls:
     def _predict(
         self, task: str, inputs: Sequence[TextInput], return_all_scores: bool, return_routing: bool
     ) -> _Call:
-        body = PredictRequest(
+        # Not validated here: the service is the one judge of a request (its 422 names what is wrong).
+        body = PredictRequest.model_construct(
             inputs=[_input(item) for item in inputs],
             return_all_scores=return_all_scores,
             return_routing=return_routing,
@@ -210,9 +211,10 @@ class Client(_Calls):
         predict_key: str | None = None,
         timeout_s: float = 60.0,
         retry: RetryPolicy | None = None,
+        transport: httpx.BaseTransport | None = None,
     ) -> None:
         super().__init__(url, admin_key, predict_key, timeout_s, retry or RetryPolicy())
-        self._http = httpx.Client(base_url=self.url, timeout=self.timeout)
+        self._http = httpx.Client(base_url=self.url, timeout=self.timeout, transport=transport)
 
     def __enter__(self) -> Client:
         return self
@@ -308,9 +310,10 @@ class AsyncClient(_Calls):
         predict_key: str | None = None,
         timeout_s: float = 60.0,
         retry: RetryPolicy | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         super().__init__(url, admin_key, predict_key, timeout_s, retry or RetryPolicy())
-        self._http = httpx.AsyncClient(base_url=self.url, timeout=self.timeout)
+        self._http = httpx.AsyncClient(base_url=self.url, timeout=self.timeout, transport=transport)
 
     async def __aenter__(self) -> AsyncClient:
         return self
