@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from app.errors import SpartanError
+from app.remote_cli import register as register_remote_commands
 from app.settings import Settings
 
 if TYPE_CHECKING:
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     from app.training.datasets import Example, TaskData
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
+register_remote_commands(cli)  # spartan tasks ..., spartan predict ...: app/remote_cli.py
 
 CacheDir = Annotated[
     Path | None, typer.Option(help="Asset cache folder (default: $SPARTAN_CACHE_DIR or the user cache dir).")
