@@ -36,7 +36,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_service_load import FALLBACK_TEXTS, Config, Server, percentile  # noqa: E402
+from benchmarks.bench_service_load import FALLBACK_TEXTS, Config, start_server  # noqa: E402
+from benchmarks.harness import percentile  # noqa: E402
 
 TEXTS_PER_REQUEST = 8
 TASK = "sentiment"
@@ -278,7 +279,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "SPARTAN_REQUEST_TIMEOUT_S": str(plan.request_timeout_s),
             "OMP_WAIT_POLICY": "PASSIVE",
         }
-        server = Server(store, Config(threads=plan.threads), batch_size=32, extra_env=env)
+        server = start_server(store, Config(threads=plan.threads), batch_size=32, extra_env=env)
         try:
             result = asyncio.run(measure(server.url, plan))
         finally:
