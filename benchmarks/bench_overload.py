@@ -52,6 +52,7 @@ class Plan:
     clients: int = 16
     request_timeout_s: float = 5.0
     max_queue_rows: int = 256  # 32 requests of 8 rows: ~1 s of work at this machine's capacity
+    max_queue_work_s: float = 2.5  # the settings require it below the request timeout
     threads: int = 1
 
     @classmethod
@@ -277,6 +278,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         env = {
             "SPARTAN_MAX_QUEUE_ROWS": str(plan.max_queue_rows),
             "SPARTAN_REQUEST_TIMEOUT_S": str(plan.request_timeout_s),
+            "SPARTAN_MAX_QUEUE_WORK_S": str(plan.max_queue_work_s),
             "OMP_WAIT_POLICY": "PASSIVE",
         }
         server = start_server(store, Config(threads=plan.threads), batch_size=32, extra_env=env)
