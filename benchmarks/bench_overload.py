@@ -36,6 +36,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import harness  # noqa: E402
 from benchmarks.bench_service_load import FALLBACK_TEXTS, Config, start_server  # noqa: E402
 from benchmarks.harness import percentile  # noqa: E402
 
@@ -206,10 +207,7 @@ def timeline(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = harness.pyplot()
 
     rows = result["timeline"]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True)
@@ -227,9 +225,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     bottom.set_ylabel("ms")
     bottom.set_xlabel("second of the burst")
     bottom.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    harness.save_figure(fig, path, dpi=110)
 
 
 def markdown(result: dict[str, Any], png: str) -> str:

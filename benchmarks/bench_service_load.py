@@ -533,10 +533,7 @@ def goals(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = harness.pyplot()
 
     inprocess, service, naive = results["inprocess"], results["service"], results["naive"]
     bars = {
@@ -563,9 +560,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     right.set_ylabel("latency (ms)")
     right.set_title(f"Latency at {results['config']['concurrency']} concurrent clients")
     right.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    harness.save_figure(fig, path, dpi=120)
 
 
 def cpu_per_request(run: dict[str, Any], warmup_s: float) -> str:

@@ -36,6 +36,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import harness  # noqa: E402
 from benchmarks.bench_service_load import FALLBACK_TEXTS, Config, start_server  # noqa: E402
 from benchmarks.harness import ServeProcess, proc_status  # noqa: E402
 
@@ -205,10 +206,7 @@ def run(minutes: float, warmup_min: float, every_s: float) -> dict[str, Any]:
 
 
 def plot(result: dict[str, Any], warmup_s: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = harness.pyplot()
 
     samples = result["samples"]
     minutes = [s["t"] / 60 for s in samples]
@@ -222,9 +220,7 @@ def plot(result: dict[str, Any], warmup_s: float, path: Path) -> None:
     counts.plot(minutes, [s["threads"] for s in samples], label="threads")
     counts.set_xlabel("minutes")
     counts.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    harness.save_figure(fig, path, dpi=110)
 
 
 def markdown(result: dict[str, Any], args: argparse.Namespace, png: str) -> str:
