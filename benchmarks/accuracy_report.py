@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from benchmarks import harness
 
 METHOD_ORDER = ("head", "spartan", "pfeiffer", "houlsby", "lora", "ia3", "bitfit", "full")
 SETTINGS = (
@@ -17,10 +18,7 @@ SETTINGS = (
 )
 
 
-def read(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+read = harness.read_records
 
 
 def accuracy(record: dict[str, Any]) -> float:
@@ -148,10 +146,7 @@ def lr_table(records: list[dict[str, Any]]) -> list[str]:
 
 
 def draw(plot: dict[str, dict[str, float | None]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = harness.pyplot()
 
     fig, ax = plt.subplots(figsize=(9, 4))
     groups = list(plot)
@@ -166,5 +161,4 @@ def draw(plot: dict[str, dict[str, float | None]], path: Path) -> None:
     ax.set_ylim(max(0.0, low - 10), None)
     ax.legend(ncol=4, fontsize=8)
     ax.set_title("SPARTAN vs peers (mean over tasks of the seed mean)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    harness.save_figure(fig, path, dpi=120)

@@ -36,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from app.settings import Settings
 from app.training.datasets import Example, TaskData, few_shot, load_named
+from benchmarks import harness
 from benchmarks.fit import FitConfig, fit
 from benchmarks.peers import METHODS, TRAINABLE_METHODS, MethodUnavailable, SpartanConfig, build
 
@@ -156,16 +157,7 @@ def key_of(record: dict[str, Any]) -> tuple[Any, ...]:
     )
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def append_record(path: Path, record: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+read_records, append_record = harness.read_records, harness.append_record  # bench_spartan_tuning uses them
 
 
 def execute(plan: list[tuple[Any, ...]], path: Path, cache_dir: Path, shard: tuple[int, int]) -> None:

@@ -79,6 +79,7 @@ from app.spartan.layer import (
     uses_dense,
 )
 from app.spartan.memory import MemoryLayer
+from benchmarks import harness
 from benchmarks.procmem import reset_peak, status_mib
 
 CHILDREN = 4  # C: M = 48 ... 16,384 are both exact (E = 12 ... 4,096)
@@ -544,10 +545,7 @@ def notes(report: dict[str, Any]) -> list[str]:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = harness.pyplot()
 
     colors = {
         "sparse": "#1f77b4",
@@ -595,9 +593,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         f"Memory layer scaling ({report['date'][:10]}, {report['machine']['torch_threads']} threads; "
         f"band = min..max over {report['rounds']} rounds)"
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    harness.save_figure(fig, path, dpi=110)
 
 
 def main() -> None:

@@ -36,7 +36,9 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_service_load import FALLBACK_TEXTS, Config, Server, percentile  # noqa: E402
+from benchmarks import harness  # noqa: E402
+from benchmarks.bench_service_load import FALLBACK_TEXTS, Config, start_server  # noqa: E402
+from benchmarks.harness import percentile  # noqa: E402
 
 TEXTS_PER_REQUEST = 8
 TASK = "sentiment"
@@ -51,6 +53,7 @@ class Plan:
     clients: int = 16
     request_timeout_s: float = 5.0
     max_queue_rows: int = 256  # 32 requests of 8 rows: ~1 s of work at this machine's capacity
+    max_queue_work_s: float = 2.5  # the settings require it below the request timeout
     threads: int = 1
 
     @classmethod
@@ -204,10 +207,7 @@ def timeline(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = harness.pyplot()
 
     rows = result["timeline"]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True)
@@ -225,9 +225,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     bottom.set_ylabel("ms")
     bottom.set_xlabel("second of the burst")
     bottom.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    harness.save_figure(fig, path, dpi=110)
 
 
 def markdown(result: dict[str, Any], png: str) -> str:
@@ -276,9 +274,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         env = {
             "SPARTAN_MAX_QUEUE_ROWS": str(plan.max_queue_rows),
             "SPARTAN_REQUEST_TIMEOUT_S": str(plan.request_timeout_s),
+            "SPARTAN_MAX_QUEUE_WORK_S": str(plan.max_queue_work_s),
             "OMP_WAIT_POLICY": "PASSIVE",
         }
-        server = Server(store, Config(threads=plan.threads), batch_size=32, extra_env=env)
+        server = start_server(store, Config(threads=plan.threads), batch_size=32, extra_env=env)
         try:
             result = asyncio.run(measure(server.url, plan))
         finally:

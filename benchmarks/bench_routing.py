@@ -46,6 +46,7 @@ from app.spartan.routing_stats import (
     shares_per_label,
 )
 from app.training.datasets import Example, TaskData, load_named
+from benchmarks import harness
 
 REPO = Path(__file__).resolve().parents[1]
 MEMORY_FILE = REPO / "memories" / "bbc-news.safetensors"
@@ -257,10 +258,7 @@ def main() -> None:
 
 def plot_heatmaps(report: dict[str, Any], path: Path) -> None:
     """One panel per layer (columns); the trained memory on top, the untrained control below."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = harness.pyplot()
 
     results = report["results"]
     layers = len(results[0]["mi_bits"])

@@ -24,22 +24,19 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
-from datetime import date
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +44,8 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks import harness  # noqa: E402
 
 NUM_TASKS = 16
 FALLBACK_TEXTS = [
@@ -73,6 +72,9 @@ class Config:
     upload_trials: int = 7
     rss_tasks: int = 1000
     inprocess_batches: int = 24
+    inprocess_rounds: int = 5
+    inprocess_target_s: float = 0.5  # seconds per contender per round
+    ab_rounds: int = 3
     loadgen_nice: int = 0
 
     @classmethod
@@ -81,48 +83,15 @@ class Config:
         # both sent and answered inside the window, or the percentiles have nothing to measure.
         return cls(
             duration_s=4.0, warmup_s=0.5, concurrency=4, naive_duration_s=1.5, upload_trials=2,
-            rss_tasks=12, inprocess_batches=2, threads=threads,
+            rss_tasks=12, inprocess_batches=2, inprocess_rounds=2, inprocess_target_s=0.05, threads=threads,
         )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------- helpers
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
-
 def zipf_weights(n: int, s: float = 1.0) -> list[float]:
     return [1 / (rank**s) for rank in range(1, n + 1)]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def cpu_idle_fraction(seconds: float = 2.0) -> float:
-    """Share of the machine's CPU time that was idle over a short span (other jobs show here)."""
-
-    def sample() -> tuple[int, int]:
-        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        return values[3] + values[4], sum(values)  # idle + iowait, total
-
-    idle0, total0 = sample()
-    time.sleep(seconds)
-    idle1, total1 = sample()
-    return (idle1 - idle0) / max(1, total1 - total0)
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
 
 
 def load_texts(cache_dir: Path) -> tuple[list[str], str]:
@@ -165,56 +134,32 @@ def random_memory(encoder: Any, seed: int) -> Any:
 # ---------------------------------------------------------------------------------------- server
 
 
-class Server:
-    """`python -m app.cli serve` in a child process, on a free loopback port."""
+def serve_flags(store: Path, config: Config, batch_size: int) -> list[str]:
+    """The `serve` flags of every server here; an A/B run gives the baseline build the same ones."""
+    max_wait_ms = config.max_wait_ms if batch_size > 1 else 0
+    return [
+        "--memory-dir", str(store), "--max-batch-size", str(batch_size), "--max-wait-ms", str(max_wait_ms),
+        "--threads", str(config.threads), "--allow-unauthenticated-writes", "--log-level", "warning",
+    ]  # fmt: skip
 
-    def __init__(
-        self, store: Path, config: Config, *, batch_size: int, extra_env: dict[str, str] | None = None
-    ):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        max_wait_ms = config.max_wait_ms if batch_size > 1 else 0
-        command = [
-            sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-            "--memory-dir", str(store), "--max-batch-size", str(batch_size),
-            "--max-wait-ms", str(max_wait_ms), "--threads", str(config.threads),
-            "--allow-unauthenticated-writes", "--log-level", "warning",
-        ]  # fmt: skip
-        env = {**os.environ, "SPARTAN_STORE_POLL_INTERVAL_S": "0", "SPARTAN_MAX_QUEUE_ROWS": "4096",
-               **(extra_env or {})}  # fmt: skip
-        self.process = subprocess.Popen(command, cwd=ROOT, env=env)
-        self._wait_ready()
 
-    def _wait_ready(self, timeout_s: float = 180) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("server not ready in time")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+def start_server(
+    store: Path, config: Config, *, batch_size: int, extra_env: dict[str, str] | None = None,
+    root: Path = ROOT,
+) -> harness.ServeProcess:  # fmt: skip
+    """A ready `python -m app.cli serve` of the checkout at `root`, on a free loopback port."""
+    env = {"SPARTAN_STORE_POLL_INTERVAL_S": "0", "SPARTAN_MAX_QUEUE_ROWS": "4096", **(extra_env or {})}
+    log = store.parent / f"server-{harness.free_port()}.log"
+    return harness.ServeProcess(log, serve_flags(store, config, batch_size), env, root).start_ready()
 
 
 @contextmanager
-def serving(store: Path, config: Config, **kwargs: Any) -> Iterator[Server]:
-    server = Server(store, config, **kwargs)
+def serving(store: Path, config: Config, **kwargs: Any) -> Iterator[harness.ServeProcess]:
+    server = start_server(store, config, **kwargs)
     try:
         yield server
     finally:
-        server.stop()
+        server.stop(signal.SIGINT)
 
 
 # ---------------------------------------------------------------------------------------- load generator
@@ -275,8 +220,8 @@ async def closed_loop(
     statuses = Counter(status for _, _, status in in_window)
     return {
         "throughput_rps": statuses[200] / duration_s,
-        "p50_ms": percentile(latencies, 50) * 1000,
-        "p99_ms": percentile(latencies, 99) * 1000,
+        "p50_ms": harness.percentile(latencies, 50) * 1000,
+        "p99_ms": harness.percentile(latencies, 99) * 1000,
         "requests": sum(statuses.values()),
         "statuses": {str(k): v for k, v in statuses.items()},
         "mean_rows_per_pass": rows / passes if passes else 0.0,
@@ -287,7 +232,7 @@ async def closed_loop(
 
 
 def run_loadgen_process(
-    server: Server, popularity: str, texts_file: Path, config: Config, duration_s: float
+    server: harness.ServeProcess, popularity: str, texts_file: Path, config: Config, duration_s: float
 ) -> dict:
     """The load generator in its own process, so that it does not share a GIL with anything.
 
@@ -299,7 +244,7 @@ def run_loadgen_process(
         "--texts", str(texts_file), "--concurrency", str(config.concurrency),
         "--warmup", str(config.warmup_s), "--duration", str(duration_s),
     ]  # fmt: skip
-    server_cpu, children_cpu = cpu_seconds(server.process.pid), children_cpu_seconds()
+    server_cpu, children_cpu = harness.cpu_seconds(server.pid), children_cpu_seconds()
     loadgen = subprocess.Popen(
         command, stdout=subprocess.PIPE, text=True, cwd=ROOT, preexec_fn=lambda: os.nice(config.loadgen_nice)
     )
@@ -309,15 +254,9 @@ def run_loadgen_process(
         raise RuntimeError(f"load generator failed with {loadgen.returncode}")
     result: dict[str, Any] = json.loads(output.strip().splitlines()[-1])
     result["popularity"] = popularity
-    result["server_cpu_s"] = cpu_seconds(server.process.pid) - server_cpu
+    result["server_cpu_s"] = harness.cpu_seconds(server.pid) - server_cpu
     result["loadgen_cpu_s"] = loadgen_cpu
     return result
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def children_cpu_seconds() -> float:
@@ -340,60 +279,82 @@ def loadgen_main(args: argparse.Namespace) -> None:
 
 
 def inprocess_throughput(
-    encoder: Any, memories: list[Any], texts: list[str], config: Config
-) -> dict[str, float]:
-    """Rows/s on the same batches: (a) the bare backbone; the mixed-task forward with memories; the same
-    with the service's length bucketing (the service's forward path without HTTP); and the rows one
-    by one (what a server without batching can at best do)."""
+    encoder: Any, memories: list[Any], texts: list[str], config: Config, rounds: int, target_s: float
+) -> dict[str, Any]:
+    """Rows/s on the same batches: (a) the bare backbone; the mixed-task forward with memories; the
+    shipped Batcher over that runner, one request per row (the service's forward path, pass planning
+    included, without HTTP); and the rows one by one (what a server without batching can at best do).
+    The contenders alternate in rotated rounds (harness.alternate)."""
+    import itertools
+
     import torch
 
-    from app.engine.batcher import plan_passes
+    from app.engine.batcher import Batcher, BatchingConfig
     from app.engine.encoder import RowGroup
     from app.engine.runner import EncoderRunner, Row
     from app.settings import Settings
 
-    overhead = Settings().pass_overhead_tokens
-
+    settings = Settings()
     rng = random.Random(3)
     batches = [rng.sample(texts, config.batch_size) for _ in range(config.inprocess_batches)]
+    # Each batch's rows with their memories, drawn once: every contender gets the same work.
+    work = [[(memories[rng.randrange(len(memories))], text) for text in batch] for batch in batches]
     runner = EncoderRunner(encoder)
+    serving = BatchingConfig.from_settings(settings)
+    batcher = Batcher(
+        runner,
+        replace(
+            serving,
+            max_batch_size=config.batch_size,
+            max_wait_s=config.max_wait_ms / 1000,
+            max_queue_rows=4 * config.batch_size,
+            max_queue_work_s=600.0,
+            request_timeout_s=601.0,
+        ),
+    )
 
-    def bare(batch: list[str]) -> None:
-        encoding = encoder.encode(batch, None, 128)
+    def bare(rows: list[tuple[Any, str]]) -> None:
+        encoding = encoder.encode([text for _, text in rows], None, 128)
         with torch.inference_mode():
-            encoder.forward(encoding, [RowGroup(None, torch.arange(len(batch)))])
+            encoder.forward(encoding, [RowGroup(None, torch.arange(len(rows)))])
 
-    def mixed(batch: list[str]) -> None:
-        rows = [Row(memories[rng.randrange(len(memories))], text) for text in batch]
-        runner.run(runner.prepare(rows))
+    def mixed(rows: list[tuple[Any, str]]) -> None:
+        runner.run(runner.prepare([Row(memory, text) for memory, text in rows]))
 
-    def bucketed(batch: list[str]) -> None:
-        rows = runner.prepare([Row(memories[rng.randrange(len(memories))], text) for text in batch])
-        for indices in plan_passes([row.length for row in rows], len(rows), overhead):
-            runner.run([rows[i] for i in indices])
+    def batched(rows: list[tuple[Any, str]]) -> None:  # a full batch is taken without waiting
+        queued = [batcher.enqueue(f"t{id(m)}", m, [(text, None)]) for m, text in rows]
+        for request in queued:
+            request.future.result()
 
-    def one_by_one(batch: list[str]) -> None:  # the ceiling of batching: each row alone
-        for text in batch:
-            runner.run(runner.prepare([Row(memories[rng.randrange(len(memories))], text)]))
+    def one_by_one(rows: list[tuple[Any, str]]) -> None:  # the ceiling of batching: each row alone
+        for memory, text in rows:
+            runner.run(runner.prepare([Row(memory, text)]))
 
-    contenders = {"bare": bare, "memories": mixed, "bucketed": bucketed, "single_row": one_by_one}
-    timings: dict[str, list[float]] = {name: [] for name in contenders}
-    for batch in batches[:2]:  # warm-up
-        for run in contenders.values():
-            run(batch)
-    # Alternate the contenders batch by batch, so machine noise hits all alike.
-    for batch in batches:
-        for name, run in contenders.items():
-            started = time.perf_counter()
-            run(batch)
-            timings[name].append(time.perf_counter() - started)
-    return {f"{name}_rows_per_s": config.batch_size / statistics.median(t) for name, t in timings.items()}
+    def cycling(run: Any) -> Any:
+        batch = itertools.cycle(work)
+        return lambda: run(next(batch))
+
+    contenders = {"bare": bare, "memories": mixed, "bucketed": batched, "single_row": one_by_one}
+    batcher.start()
+    try:
+        per_round = harness.alternate(
+            {name: cycling(run) for name, run in contenders.items()},
+            rounds=rounds,
+            items_per_call=config.batch_size,
+            target_s=target_s,
+        )
+    finally:
+        batcher.stop()
+    result: dict[str, Any] = {f"{name}_rows_per_s": statistics.median(v) for name, v in per_round.items()}
+    result["spread"] = {name: harness.spread(values) for name, values in per_round.items()}
+    result["vs_bare"] = harness.ratios(per_round, "bare")
+    return result
 
 
 # ---------------------------------------------------------------------------------------- upload, RSS
 
 
-def upload_to_first_prediction(server: Server, encoder: Any, trials: int) -> dict[str, Any]:
+def upload_to_first_prediction(server: harness.ServeProcess, encoder: Any, trials: int) -> dict[str, Any]:
     from app.spartan.memfile import memory_to_bytes
 
     seconds = []
@@ -453,13 +414,13 @@ def rss_with_many_tasks(workdir: Path, encoder: Any, config: Config) -> dict[str
         for _ in range(3):  # warm the forward path with one resident memory
             client.post(f"/v1/tasks/{names[0]}/predict", json={"inputs": ["warm up the forward pass"]})
         one = client.get("/v1/tasks").json()
-        rss_one = rss_bytes(server.process.pid)
+        rss_one = harness.rss_bytes(server.pid)
         backbone_rss = rss_one - one["loaded_bytes"]
         started = time.perf_counter()
         asyncio.run(touch_all(server.url, names))
         touch_seconds = time.perf_counter() - started
         listing = client.get("/v1/tasks").json()
-        rss_all = rss_bytes(server.process.pid)
+        rss_all = harness.rss_bytes(server.pid)
         client.close()
     resident = listing["loaded_bytes"]
     return {
@@ -487,6 +448,71 @@ async def touch_all(url: str, names: list[str], concurrency: int = 8) -> None:
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
 
 
+# ---------------------------------------------------------------------------------------- A/B
+
+
+def against_baseline(store: Path, texts_file: Path, config: Config, baseline_root: Path) -> dict[str, Any]:
+    """The Zipf load against this build's server and against one started from `baseline_root` (same
+    flags), one window each per round, taking turns (the order rotates), so both see the same machine."""
+    builds = {"current": harness.ROOT, "baseline": baseline_root.resolve()}
+    per_round: dict[str, list[dict[str, Any]]] = {name: [] for name in builds}
+    servers = {name: start_server(store, config, batch_size=config.batch_size, root=root)
+               for name, root in builds.items()}  # fmt: skip
+    try:
+        names = list(builds)
+        for number in range(config.ab_rounds):
+            for name in names[number % 2 :] + names[: number % 2]:
+                run = run_loadgen_process(servers[name], "zipf", texts_file, config, config.duration_s)
+                per_round[name].append(run)
+                print(f"  round {number + 1}, {name}: {run['throughput_rps']:.1f} rows/s", flush=True)
+    finally:
+        for server in servers.values():
+            server.stop(signal.SIGINT)
+    throughput = {name: [run["throughput_rps"] for run in runs] for name, runs in per_round.items()}
+    return {
+        "baseline_root": str(builds["baseline"]),
+        "baseline_commit": git_commit(builds["baseline"]),
+        "current_commit": git_commit(builds["current"]),
+        "rounds": config.ab_rounds,
+        "builds": {
+            name: {
+                key: harness.spread([run[key] for run in runs])
+                for key in ("throughput_rps", "p50_ms", "p99_ms")
+            }
+            for name, runs in per_round.items()
+        },
+        "throughput_ratio": harness.ratios(throughput, "baseline")["current"],
+        "runs": per_round,
+    }
+
+
+def git_commit(root: Path) -> str | None:
+    done = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, check=False)  # fmt: skip
+    return done.stdout.strip() or None
+
+
+def ab_markdown(ab: dict[str, Any]) -> str:
+    rows = "\n".join(
+        f"| {name} ({ab[f'{name}_commit'] or '?'}) | {harness.fmt_spread(b['throughput_rps'])} | "
+        f"{harness.fmt_spread(b['p50_ms'], 0)} | {harness.fmt_spread(b['p99_ms'], 0)} |"
+        for name, b in ab["builds"].items()
+    )
+    return f"""
+## Against the baseline build
+
+The same Zipf load against this build and against the build at `{ab["baseline_root"]}`, both servers
+started with the same flags and alive side by side; {ab["rounds"]} rounds, each one window per server,
+taking turns (the order rotates). Median [min, max] over rounds.
+
+| build | rows/s | p50 ms | p99 ms |
+|---|---|---|---|
+{rows}
+
+Throughput current / baseline, per round: {harness.fmt_spread(ab["throughput_ratio"], 2)}.
+"""
+
+
 # ---------------------------------------------------------------------------------------- report
 
 
@@ -510,16 +536,13 @@ def goals(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = harness.pyplot()
 
     inprocess, service, naive = results["inprocess"], results["service"], results["naive"]
     bars = {
         "in-process\nbare backbone": inprocess["bare_rows_per_s"],
         "in-process\nmixed memories": inprocess["memories_rows_per_s"],
-        "in-process mixed\n+ length buckets": inprocess["bucketed_rows_per_s"],
+        "in-process\nshipped Batcher": inprocess["bucketed_rows_per_s"],
         "in-process\none row at a time": inprocess["single_row_rows_per_s"],
         "service\nZipf": service["zipf"]["throughput_rps"],
         "service\nuniform": service["uniform"]["throughput_rps"],
@@ -540,9 +563,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     right.set_ylabel("latency (ms)")
     right.set_title(f"Latency at {results['config']['concurrency']} concurrent clients")
     right.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    harness.save_figure(fig, path, dpi=120)
 
 
 def cpu_per_request(run: dict[str, Any], warmup_s: float) -> str:
@@ -565,7 +586,7 @@ def markdown(results: dict[str, Any], png_name: str) -> str:
     rows = [
         ["in-process bare backbone (a)", f"{inprocess['bare_rows_per_s']:.1f}"],
         ["in-process, mixed memories", f"{inprocess['memories_rows_per_s']:.1f}"],
-        ["in-process, mixed memories + length buckets", f"{inprocess['bucketed_rows_per_s']:.1f}"],
+        ["in-process, shipped Batcher (mixed memories)", f"{inprocess['bucketed_rows_per_s']:.1f}"],
         ["in-process, memories, one row at a time", f"{inprocess['single_row_rows_per_s']:.1f}"],
     ]
     runs = {
@@ -586,8 +607,8 @@ def markdown(results: dict[str, Any], png_name: str) -> str:
     single_gain = inprocess["bucketed_rows_per_s"] / inprocess["single_row_rows_per_s"]
     return f"""# Service load benchmark
 
-`python benchmarks/bench_service_load.py` ({date.today().isoformat()}; {env["machine"]}, {env["cpus"]} CPUs,
-torch {env["torch"]}, {cfg["threads"]} torch thread(s) in the server and in the in-process baseline;
+`{results["command"]}` ({env["date"]}; {env["cpu"] or env["platform"]}, {env["cpu_count"]} CPUs,
+torch {env["packages"]["torch"]}, {cfg["threads"]} torch thread(s) in the server and in-process;
 the CPUs were {100 * env["idle_before_start"]:.0f}% idle just before it started{busy}).
 Backbone {env["backbone"]}; {NUM_TASKS} task memories (E=16, C=3, k=8, own LayerNorms: the shape
 `spartan train` writes), random weights. Inputs: one text per request, drawn from {env["corpus"]}.
@@ -620,35 +641,30 @@ naive server). Server: max batch {cfg["batch_size"]}, max wait {cfg["max_wait_ms
 ## Reading the numbers
 
 - "in-process, mixed memories" is the same batches through the service's runner, each row with one
-  of the 16 memories: the gap to the bare backbone is what the memories cost. "+ length buckets"
-  adds the service's pass planning (rows sorted by length, cut where padding costs more than a pass):
-  it is the service's forward path without HTTP, so the gap between it and the service is what
+  of the 16 memories: the gap to the bare backbone is what the memories cost. "shipped Batcher" is
+  the service's own Batcher over that runner, one request per row: its pass planning (rows sorted by
+  length, cut where padding costs more than a pass) and worker thread, the service's forward path
+  without HTTP, so the gap between it and the service is what
   serving costs (HTTP, JSON, queueing, and the load generator sharing the machine's CPUs). The
   service can beat the bare backbone because the bare loop pads every batch to its longest text.
 - "one row at a time" is the ceiling of any server that does not batch: on a CPU, a forward pass over
   one short text is already fairly efficient, so batching gains {single_gain:.1f}x in-process here, and
   no batching server can be 5x a one-at-a-time server on this machine. The 5x goal assumes an
   accelerator, where a pass of one row leaves almost all of the device idle.
-- The contenders of the in-process comparison alternate batch by batch; the service runs are
-  minutes apart and see whatever else runs on the machine then.
-"""
+- The contenders of the in-process comparison alternate in {cfg["inprocess_rounds"]} rotated rounds
+  (rows/s are medians over rounds); the service runs are minutes apart and see whatever else runs on
+  the machine then (the A/B section below, when present, alternates its two builds round by round).
+""" + (ab_markdown(results["ab"]) if "ab" in results else "")
 
 
 # ---------------------------------------------------------------------------------------- main
 
 
-def environment(encoder: Any, corpus: str) -> dict[str, Any]:
-    import torch
-
-    return {
-        "machine": f"{platform.system()} {platform.machine()}",
-        "cpus": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "backbone": encoder.backbone.name,
-        "corpus": corpus,
-        "idle_before_start": cpu_idle_fraction(),
-    }
+def environment(encoder: Any, corpus: str, threads: int) -> dict[str, Any]:
+    return harness.environment(
+        backbone=encoder.backbone.name, corpus=corpus, threads=threads,
+        idle_before_start=harness.cpu_idle_fraction(),
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -661,6 +677,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     threads = args.threads or max(1, (os.cpu_count() or 2) - 1)
     config = Config.smoke(threads) if args.smoke else Config(threads=threads)
+    config = replace(config, ab_rounds=args.ab_rounds)
     torch.set_num_threads(config.threads)
     settings = Settings()
     encoder = SpartanEncoder(load_backbone(settings.backbone, settings.cache_dir))
@@ -673,9 +690,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             save_memory(memory, store / f"task{index:02d}.safetensors")
         texts_file = workdir / "texts.json"
         texts_file.write_text(json.dumps(texts))
-        results: dict[str, Any] = {"config": asdict(config), "environment": environment(encoder, corpus)}
+        results: dict[str, Any] = {
+            "config": asdict(config),
+            "environment": environment(encoder, corpus, config.threads),
+            "command": harness.command_line("bench_service_load.py"),
+        }
         print("in-process baselines ...", flush=True)
-        results["inprocess"] = inprocess_throughput(encoder, memories, texts, config)
+        results["inprocess"] = inprocess_throughput(
+            encoder, memories, texts, config, config.inprocess_rounds, config.inprocess_target_s
+        )
         print(f"  {results['inprocess']}", flush=True)
         with serving(store, config, batch_size=config.batch_size) as server:
             results["service"] = {}
@@ -697,6 +720,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"RSS with {config.rss_tasks} tasks ...", flush=True)
         results["rss"] = rss_with_many_tasks(workdir, encoder, config)
         print(f"  {results['rss']}", flush=True)
+        if args.baseline_root is not None:
+            print(f"against the baseline build at {args.baseline_root} ...", flush=True)
+            results["ab"] = against_baseline(store, texts_file, config, args.baseline_root)
         return results
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -720,6 +746,12 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: CPUs - 1)")
     parser.add_argument("--report-only", action="store_true", help="redo report and plot from OUT's JSON")
+    parser.add_argument(
+        "--baseline-root", type=Path, default=None,
+        help="A/B: also run the Zipf load against `python -m app.cli serve` of the checkout in DIR "
+        "(e.g. a git worktree of an older commit), alternating with this build round by round",
+    )  # fmt: skip
+    parser.add_argument("--ab-rounds", type=int, default=3, help="A/B rounds (one window per build each)")
     args = parser.parse_args()
     if args.command == "loadgen":
         loadgen_main(args)

@@ -36,7 +36,9 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_service_load import FALLBACK_TEXTS, Config, Server  # noqa: E402
+from benchmarks import harness  # noqa: E402
+from benchmarks.bench_service_load import FALLBACK_TEXTS, Config, start_server  # noqa: E402
+from benchmarks.harness import ServeProcess, proc_status  # noqa: E402
 
 SHIPPED = ("sentiment", "banking77", "bbc-news")
 CLIENTS = 8
@@ -64,12 +66,11 @@ def memory_variants(source: Path, count: int) -> list[bytes]:
 
 
 def proc_sample(pid: int) -> dict[str, float]:
-    status = Path(f"/proc/{pid}/status").read_text().splitlines()
-    fields = {line.split(":")[0]: line.split(":")[1].split() for line in status if ":" in line}
+    status = proc_status(pid)
     return {
         "t": time.monotonic(),
-        "rss_mib": int(fields["VmRSS"][0]) / 1024,
-        "threads": int(fields["Threads"][0]),
+        "rss_mib": int(status["VmRSS"].split()[0]) / 1024,
+        "threads": int(status["Threads"]),
         "fds": len(os.listdir(f"/proc/{pid}/fd")),
     }
 
@@ -119,9 +120,9 @@ async def sample_while(
         await asyncio.sleep(every_s)
 
 
-async def soak(server: Server, seconds: float, every_s: float, files: list[bytes]) -> dict[str, Any]:
+async def soak(server: ServeProcess, seconds: float, every_s: float, files: list[bytes]) -> dict[str, Any]:
     samples: list[dict[str, float]] = []
-    pid = server.process.pid
+    pid = server.pid
     start = time.monotonic()
     load = asyncio.create_task(traffic(server.url, seconds, files, seed=1))
     await sample_while(pid, every_s, load, samples)
@@ -192,7 +193,7 @@ def run(minutes: float, warmup_min: float, every_s: float) -> dict[str, Any]:
         shutil.copytree(ROOT / "memories", store)
         env = {"SPARTAN_STORE_POLL_INTERVAL_S": "2", "OMP_WAIT_POLICY": "PASSIVE",
                "SPARTAN_PINNED_TASKS": json.dumps(list(SHIPPED))}  # fmt: skip
-        server = Server(store, Config(threads=1), batch_size=32, extra_env=env)
+        server = start_server(store, Config(threads=1), batch_size=32, extra_env=env)
         try:
             shipped_bytes = memory_bytes(server.url)
             result = asyncio.run(soak(server, minutes * 60, every_s, files))
@@ -205,10 +206,7 @@ def run(minutes: float, warmup_min: float, every_s: float) -> dict[str, Any]:
 
 
 def plot(result: dict[str, Any], warmup_s: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = harness.pyplot()
 
     samples = result["samples"]
     minutes = [s["t"] / 60 for s in samples]
@@ -222,9 +220,7 @@ def plot(result: dict[str, Any], warmup_s: float, path: Path) -> None:
     counts.plot(minutes, [s["threads"] for s in samples], label="threads")
     counts.set_xlabel("minutes")
     counts.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    harness.save_figure(fig, path, dpi=110)
 
 
 def markdown(result: dict[str, Any], args: argparse.Namespace, png: str) -> str:

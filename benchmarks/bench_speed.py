@@ -58,6 +58,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from app.settings import Settings
+from benchmarks import harness
 from benchmarks.peers import Built, MethodUnavailable, TaskModel, build
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -235,8 +236,7 @@ def seconds(fn: Callable[[], object], reps: int) -> float:
     return time.perf_counter() - start
 
 
-def spread(values: Sequence[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+spread = harness.spread
 
 
 def ratio_series(per_round: dict[str, list[float]]) -> dict[str, list[float]]:
@@ -795,10 +795,7 @@ def paper_gap(report: dict[str, Any]) -> list[str]:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = harness.pyplot()
 
     profiles = [
         p["name"] for p in report["profiles"] if any(c["profile"] == p["name"] for c in report["cells"])
@@ -829,9 +826,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         lows = [c["ratios"][key]["min"] for c in cells for key in c["ratios"] if key.endswith("/bare")]
         ax.set_ylim(max(0.0, min([*lows, GOAL_VS_BARE]) - 0.05), max([*tops, 1.0]) + 0.05)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    harness.save_figure(fig, path, dpi=110)
 
 
 # ---------------------------------------------------------------------------------------------------

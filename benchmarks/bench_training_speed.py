@@ -66,6 +66,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from app.settings import Settings
 from app.training.datasets import TaskData
+from benchmarks import harness
 from benchmarks.bench_accuracy import BUDGETS, CENTRE_LR, task_data
 from benchmarks.fit import encode, loss_of, targets
 from benchmarks.peers import BACKBONE_NAMES, Built, MethodUnavailable, TaskModel, build
@@ -215,8 +216,7 @@ def train_epoch(contender: Contender, batches: list[Batch]) -> dict[str, Any]:
     }
 
 
-def spread(values: Sequence[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+spread = harness.spread
 
 
 def time_group(
@@ -486,7 +486,7 @@ def environment(threads: int) -> dict[str, Any]:
 
 
 def _fmt_spread(s: dict[str, float], digits: int = 0) -> str:
-    return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}, {s['max']:.{digits}f}]"
+    return harness.fmt_spread(s, digits)
 
 
 def _fmt_int(n: int) -> str:
@@ -683,10 +683,7 @@ def explain(report: dict[str, Any]) -> list[str]:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = harness.pyplot()
 
     backbones = list(dict.fromkeys(r["backbone"] for r in report["runs"]))
     fig, axes = plt.subplots(1, len(backbones), figsize=(max(9, 7 * len(backbones)), 5.5), squeeze=False)
@@ -728,9 +725,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         f"epoch mean, median over {report['rounds']} rounds, whiskers min..max; dotted: {GOAL} x pfeiffer",
         fontsize=10,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    harness.save_figure(fig, path, dpi=110)
 
 
 def main() -> None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -20,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import date
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -143,3 +145,218 @@ def write_report(out: Path, name: str, report: Mapping[str, Any], markdown: str)
 def fmt_spread(entry: Mapping[str, float], digits: int = 1) -> str:
     """`median [min, max]`."""
     return f"{entry['median']:.{digits}f} [{entry['min']:.{digits}f}, {entry['max']:.{digits}f}]"
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The `q`th percentile (nearest rank); NaN for no values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def load_warning(cpus: int | None, load: float, text: str) -> list[str]:
+    """`text` as a bold markdown warning (and a blank line) when the load average exceeded the CPUs."""
+    return [f"**Warning: {text}**", ""] if load > (cpus or 1) else []
+
+
+# ---------------------------------------------------------------------------------------- records
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines results file (none if it does not exist yet)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def append_record(path: Path, record: Mapping[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# ---------------------------------------------------------------------------------------- plots
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend (files only, no display), in the reports' style."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"axes.spines.top": False, "axes.spines.right": False, "legend.frameon": False})
+    return plt
+
+
+def save_figure(fig: Any, path: Path, dpi: int = 120) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(check: Callable[[], bool], timeout_s: float, what: str, every_s: float = 0.1) -> float:
+    """Seconds until `check()` held; AssertionError naming `what` if it never did."""
+    import httpx
+
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        try:
+            if check():
+                return time.monotonic() - started
+        except (httpx.TransportError, OSError):
+            pass
+        time.sleep(every_s)
+    raise AssertionError(f"{what}: not within {timeout_s} s")
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+class Process:
+    """A child process with its output in `log`, started in `cwd`."""
+
+    def __init__(
+        self, command: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path = ROOT
+    ) -> None:
+        self.command, self.log, self.env, self.cwd = command, log, env, cwd
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                self.command, cwd=self.cwd, env=self.env, stdout=out, stderr=subprocess.STDOUT
+            )
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def check_alive(self) -> None:
+        if not self.alive:
+            code = self.process.returncode if self.process else None
+            raise AssertionError(f"{self.command[0]} exited ({code}):\n{tail(self.log)}")
+
+    def send(self, sig: int) -> None:
+        if self.alive:
+            assert self.process is not None
+            self.process.send_signal(sig)
+
+    def wait(self, timeout_s: float) -> int:
+        assert self.process is not None
+        return self.process.wait(timeout_s)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30) -> None:
+        if not self.alive:
+            return
+        assert self.process is not None
+        self.process.send_signal(sig)
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def kill9(self) -> None:
+        self.stop(signal.SIGKILL)
+
+
+_Serve = TypeVar("_Serve", bound="ServeProcess")
+
+
+class ServeProcess(Process):
+    """`python -m app.cli serve` of the checkout at `root` (this one by default, or another build for an
+    A/B run) on its own loopback port; `args` are further command-line flags, `env` SPARTAN_* settings."""
+
+    def __init__(
+        self,
+        log: Path,
+        args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        root: Path = ROOT,
+    ) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.root = root
+        settings = {
+            "PYTHONPATH": str(root),
+            "SPARTAN_HOST": "127.0.0.1",
+            "SPARTAN_PORT": str(self.port),
+            **(env or {}),
+        }
+        command = [sys.executable, "-m", "app.cli", "serve", *args]
+        super().__init__(command, log, {**os.environ, **settings}, cwd=root)
+
+    def start_ready(self: _Serve, timeout_s: float = 180) -> _Serve:
+        self.start()
+        self.wait_ready(timeout_s)
+        return self
+
+    def wait_ready(self, timeout_s: float = 180) -> None:
+        import httpx
+
+        def ready() -> bool:
+            self.check_alive()
+            return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
+
+        wait_until(ready, timeout_s, f"server at {self.url} ({self.root}) ready")
+
+    def __enter__(self: _Serve) -> _Serve:
+        return self.start_ready()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# ---------------------------------------------------------------------------------------- /proc
+
+
+def proc_status(pid: int | str = "self") -> dict[str, str]:
+    """/proc/PID/status as field -> value text (Linux)."""
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in lines if ":" in line}
+
+
+def rss_bytes(pid: int) -> int:
+    return int(proc_status(pid)["VmRSS"].split()[0]) * 1024
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_idle_fraction(seconds: float = 2.0) -> float:
+    """Share of the machine's CPU time that was idle over a short span (other jobs show here)."""
+
+    def sample() -> tuple[int, int]:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return values[3] + values[4], sum(values)  # idle + iowait, total
+
+    idle0, total0 = sample()
+    time.sleep(seconds)
+    idle1, total1 = sample()
+    return (idle1 - idle0) / max(1, total1 - total0)

@@ -7,126 +7,40 @@ test can show, and stops it (gracefully, or with kill -9 where a test wants a cr
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# The process runners are the benchmarks' (one runner for tests and benchmarks); re-exported here.
+from benchmarks.harness import Process, ServeProcess, free_port, tail, wait_until  # noqa: E402
+
+__all__ = [
+    "ROOT", "Nginx", "Process", "Replica", "SeaweedS3", "free_port", "loopback_nginx_config",
+    "run_benchmark_smoke", "tail", "wait_until",
+]  # fmt: skip
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_until(check: Callable[[], bool], timeout_s: float, what: str, every_s: float = 0.1) -> float:
-    """Seconds until `check()` held; AssertionError naming `what` if it never did."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout_s:
-        try:
-            if check():
-                return time.monotonic() - started
-        except (httpx.TransportError, OSError):
-            pass
-        time.sleep(every_s)
-    raise AssertionError(f"{what}: not within {timeout_s} s")
-
-
-def tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except FileNotFoundError:
-        return "(no log)"
-
-
-class Process:
-    """A child process with its output in `log`."""
-
-    def __init__(self, command: list[str], log: Path, env: dict[str, str] | None = None) -> None:
-        self.command, self.log, self.env = command, log, env
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        with self.log.open("ab") as out:
-            self.process = subprocess.Popen(
-                self.command, cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT
-            )
-
-    @property
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def check_alive(self) -> None:
-        if not self.alive:
-            code = self.process.returncode if self.process else None
-            raise AssertionError(f"{self.command[0]} exited ({code}):\n{tail(self.log)}")
-
-    def send(self, sig: int) -> None:
-        if self.alive:
-            assert self.process is not None
-            self.process.send_signal(sig)
-
-    def wait(self, timeout_s: float) -> int:
-        assert self.process is not None
-        return self.process.wait(timeout_s)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30) -> None:
-        if not self.alive:
-            return
-        assert self.process is not None
-        self.process.send_signal(sig)
-        try:
-            self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-    def kill9(self) -> None:
-        self.stop(signal.SIGKILL)
-
-
-class Replica(Process):
+class Replica(ServeProcess):
     """`spartan serve` on its own loopback port, configured only through SPARTAN_* variables."""
 
     def __init__(self, name: str, env: dict[str, str], logs: Path) -> None:
         self.name = name
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         settings = {
-            "SPARTAN_HOST": "127.0.0.1",
-            "SPARTAN_PORT": str(self.port),
             "SPARTAN_TORCH_THREADS": "1",
             "SPARTAN_LOG_LEVEL": "info",
             "OMP_WAIT_POLICY": "PASSIVE",  # several replicas on 2 cores: no spinning threads
             **env,
         }
-        super().__init__(
-            [sys.executable, "-m", "app.cli", "serve"], logs / f"{name}.log", {**os.environ, **settings}
-        )
-
-    def start_ready(self, timeout_s: float = 180) -> Replica:
-        self.start()
-        self.wait_ready(timeout_s)
-        return self
-
-    def wait_ready(self, timeout_s: float = 180) -> None:
-        def ready() -> bool:
-            self.check_alive()
-            return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
-
-        wait_until(ready, timeout_s, f"replica {self.name} ready")
+        super().__init__(logs / f"{name}.log", env=settings)
 
 
 class SeaweedS3(Process):
@@ -245,10 +159,10 @@ def loopback_nginx_config(text: str, upstreams: list[str], port: int, workdir: P
     return text
 
 
-def run_benchmark_smoke(script: str, out: Path, timeout_s: float = 400) -> None:
-    """`python benchmarks/<script> --smoke --out <out>`; fails with the tail of its output if it fails."""
+def run_benchmark_smoke(script: str, out: Path, timeout_s: float = 400, extra: tuple[str, ...] = ()) -> None:
+    """`python benchmarks/<script> --smoke --out <out> <extra>`; fails with the tail of its output."""
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out", str(out)],
+        [sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out", str(out), *extra],
         cwd=ROOT,
         capture_output=True,
         text=True,
