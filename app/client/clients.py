@@ -138,10 +138,13 @@ class _Calls:
         predict_key: str | None,
         timeout_s: float,
         retry: RetryPolicy,
+        metrics_key: str | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self.admin_key = admin_key
         self.reader_key = predict_key or admin_key  # the service takes the admin key for reads too
+        # /metrics takes its own key where the service has one, else the readers' keys.
+        self.metrics_key = metrics_key or self.reader_key
         self.timeout = httpx.Timeout(timeout_s)
         self.retry = retry
 
@@ -209,11 +212,12 @@ class Client(_Calls):
         *,
         admin_key: str | None = None,
         predict_key: str | None = None,
+        metrics_key: str | None = None,
         timeout_s: float = 60.0,
         retry: RetryPolicy | None = None,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        super().__init__(url, admin_key, predict_key, timeout_s, retry or RetryPolicy())
+        super().__init__(url, admin_key, predict_key, timeout_s, retry or RetryPolicy(), metrics_key)
         self._http = httpx.Client(base_url=self.url, timeout=self.timeout, transport=transport)
 
     def __enter__(self) -> Client:
@@ -296,7 +300,7 @@ class Client(_Calls):
 
     def metrics(self) -> str:
         """/metrics: the Prometheus text exposition."""
-        return self._send(_Call("GET", "/metrics", None, True)).text
+        return self._send(_Call("GET", "/metrics", self.metrics_key, True)).text
 
 
 class AsyncClient(_Calls):
@@ -308,11 +312,12 @@ class AsyncClient(_Calls):
         *,
         admin_key: str | None = None,
         predict_key: str | None = None,
+        metrics_key: str | None = None,
         timeout_s: float = 60.0,
         retry: RetryPolicy | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        super().__init__(url, admin_key, predict_key, timeout_s, retry or RetryPolicy())
+        super().__init__(url, admin_key, predict_key, timeout_s, retry or RetryPolicy(), metrics_key)
         self._http = httpx.AsyncClient(base_url=self.url, timeout=self.timeout, transport=transport)
 
     async def __aenter__(self) -> AsyncClient:
@@ -389,4 +394,4 @@ class AsyncClient(_Calls):
         return _parse(Health, await self._send(call))
 
     async def metrics(self) -> str:
-        return (await self._send(_Call("GET", "/metrics", None, True))).text
+        return (await self._send(_Call("GET", "/metrics", self.metrics_key, True))).text

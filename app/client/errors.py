@@ -71,6 +71,12 @@ class PayloadTooLarge(ServiceError): ...  # 413
 class BodyTimeout(ServiceError): ...  # 408
 
 
+class HeadersTooLarge(ServiceError): ...  # 431: request line and headers over the service's limit
+
+
+class ServerBusy(ServiceError): ...  # 503: as many requests in flight as the service takes
+
+
 class Overloaded(ServiceError): ...  # 429, with Retry-After
 
 
@@ -132,7 +138,7 @@ ERROR_TYPES: dict[str, type[ServiceError]] = {
     _snake(kind.__name__): kind
     for kind in (
         InvalidInput, InvalidTaskName, MemoryInvalid, BackboneMismatch, MemoryConflict, StoreConflict,
-        TaskNotFound, RoutingStatsDisabled, PayloadTooLarge, BodyTimeout, Overloaded,
+        TaskNotFound, RoutingStatsDisabled, PayloadTooLarge, BodyTimeout, HeadersTooLarge, ServerBusy, Overloaded,
         AuthenticationRequired, WritesDisabled, NotReady, TaskUnavailable, StoreUnavailable,
         RequestTimeout, InferenceFailed, NonFiniteOutput, BackboneError, AssetError, InvalidRequest,
         NotFound, MethodNotAllowed, UnsupportedMediaType, HttpError, InternalError,
