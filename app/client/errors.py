@@ -138,8 +138,8 @@ ERROR_TYPES: dict[str, type[ServiceError]] = {
     _snake(kind.__name__): kind
     for kind in (
         InvalidInput, InvalidTaskName, MemoryInvalid, BackboneMismatch, MemoryConflict, StoreConflict,
-        TaskNotFound, RoutingStatsDisabled, PayloadTooLarge, BodyTimeout, HeadersTooLarge, ServerBusy, Overloaded,
-        AuthenticationRequired, WritesDisabled, NotReady, TaskUnavailable, StoreUnavailable,
+        TaskNotFound, RoutingStatsDisabled, PayloadTooLarge, BodyTimeout, HeadersTooLarge, ServerBusy,
+        Overloaded, AuthenticationRequired, WritesDisabled, NotReady, TaskUnavailable, StoreUnavailable,
         RequestTimeout, InferenceFailed, NonFiniteOutput, BackboneError, AssetError, InvalidRequest,
         NotFound, MethodNotAllowed, UnsupportedMediaType, HttpError, InternalError,
     )
