@@ -182,6 +182,8 @@ class SpartanEncoder:
             if group.memory is None:
                 return hidden
             update = self._group_update(index, hidden.reshape(-1, width), run, 0, run.attention_mask)
+            if not torch.is_grad_enabled():  # serving: add in place (summed in fp32, rounded once)
+                return hidden.add_(update.view(batch, seq, width))
             return _add_update(hidden, update.view(batch, seq, width))
         if run.slices is not None:
             return self._apply_to_slices(index, hidden, run, run.slices)
@@ -205,7 +207,7 @@ class SpartanEncoder:
                 if group.memory is not None:
                     states = hidden[rows].reshape(-1, width)
                     update = self._group_update(index, states, run, number, run.attention_mask[rows])
-                    hidden[rows] = _add_update(hidden[rows], update.view(-1, seq, width))
+                    hidden[rows].add_(update.view(-1, seq, width))  # a view: writes into the batch
             return hidden
         updated = hidden.clone()  # training: autograd needs the layer's own output untouched
         for number, (group, rows) in enumerate(zip(run.groups, slices, strict=True)):

@@ -14,8 +14,8 @@ from torch import nn
 
 from app.spartan.layer import (
     MemoryOutput,
-    child_major,
-    dense_memory_child_major,
+    dense_memory_fused,
+    fused_layout,
     memory_forward,
     uses_dense,
 )
@@ -84,21 +84,22 @@ class MemoryLayer(nn.Module):
             return memory_forward(
                 h, self.parent_keys, self.child_keys, self.child_values, self.top_k, self.temperature
             )
-        keys_t, values = self._inference_layout()
-        return dense_memory_child_major(h, self.parent_keys, keys_t, values, num_children, self.top_k)
+        scores_t, values = self._inference_layout()
+        return dense_memory_fused(h, scores_t, values, num_parents, num_children, self.top_k)
 
     def _inference_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The dense path's child-major keys (T-scaled) and values, rebuilt only when they change.
+        """Serving's fused layout ([P^T | child keys / T], child-major values), rebuilt only when a
+        parameter changes.
 
-        Serving calls this once per layer per batch; caching saves three copies per call, which is
-        most of the memory's cost at batch size 1. Tensor versions catch any in-place update.
+        Serving calls this once per layer per batch; caching saves the copies and the second GEMM per
+        call, which is most of the memory's cost at small batches. Tensor versions catch any in-place
+        update.
         """
-        params = (self.child_keys, self.child_values)
+        params = (self.parent_keys, self.child_keys, self.child_values)
         key = tuple(part for p in params for part in (id(p), p._version))
         if self._layout is None or key != self._layout_key:
             with torch.no_grad():
-                keys_t, values = child_major(self.child_keys, self.child_values, self.temperature)
-                self._layout = (keys_t.contiguous(), values.contiguous())
+                self._layout = fused_layout(*params, self.temperature)
             self._layout_key = key
         return self._layout
 
@@ -108,7 +109,7 @@ class MemoryLayer(nn.Module):
         if not uses_dense(num_parents, num_children):
             return 0
         cells = num_parents * num_children
-        return 2 * cells * hidden * self.child_keys.element_size()
+        return (2 * cells + num_parents) * hidden * self.child_keys.element_size()
 
 
 class TaskHead(nn.Module):

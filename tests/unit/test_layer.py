@@ -133,12 +133,13 @@ def test_memory_layer_inference_cache_follows_in_place_updates():
     assert_f32_close(after, cached * 3.0)
 
 
-def test_memory_layer_inference_cache_holds_the_child_major_layout_and_follows_child_key_updates():
+@pytest.mark.parametrize("changed", ["parent_keys", "child_keys", "child_values"])
+def test_memory_layer_inference_cache_holds_the_fused_layout_and_follows_updates(changed: str):
     from app.spartan.layer import child_major, uses_dense
     from app.spartan.memory import MemoryLayer
 
-    # What the cache holds: the child keys (divided by T) and values, child-major. Parent keys are
-    # read live on every call, so only these two can go stale.
+    # What the cache holds: [P^T | child keys / T] and the child-major values. Each of the three can be
+    # updated in place (a reload copies in place), and the cache must follow.
     layer = MemoryLayer(hidden=10, num_parents=6, num_children=3, top_k=2, temperature=1.6)
     assert uses_dense(6, 3)  # the size takes the dense path, the only one with a cache
     gen = torch.Generator().manual_seed(2)
@@ -147,16 +148,17 @@ def test_memory_layer_inference_cache_holds_the_child_major_layout_and_follows_c
         for param in layer.parameters():  # unit scale: the children's softmax is far from uniform
             param.copy_(torch.randn(param.shape, generator=gen))
         before = layer(h).update
-        keys_t, values = layer._inference_layout()
+        scores_t, values = layer._inference_layout()
         want_keys_t, want_values = child_major(layer.child_keys, layer.child_values, 1.6)
-        assert torch.equal(keys_t, want_keys_t)
+        assert torch.equal(scores_t[:, :6], layer.parent_keys.t())
+        assert torch.equal(scores_t[:, 6:], want_keys_t)
         assert torch.equal(values, want_values)
-        assert layer._inference_layout()[0] is keys_t  # unchanged parameters: the cache is reused
-        assert layer.inference_cache_bytes() == keys_t.nbytes + values.nbytes
+        assert layer._inference_layout()[0] is scores_t  # unchanged parameters: the cache is reused
+        assert layer.inference_cache_bytes() == scores_t.nbytes + values.nbytes
 
-        layer.child_keys.mul_(-2.0)  # an in-place update of the cached keys (a reload copies in place)
+        getattr(layer, changed).mul_(-2.0)
         after = layer(h).update
     reference = reference_memory(h, layer.parent_keys, layer.child_keys, layer.child_values, 2, 1.6).detach()
     assert_f32_close(after, reference)
     assert (after - before).abs().max() > 0.1  # the update changed the answer: a stale cache would show
-    assert layer._inference_layout()[0] is not keys_t
+    assert layer._inference_layout()[0] is not scores_t
