@@ -425,6 +425,12 @@ def tensor_name(name: str) -> str:
     return name if len(name) <= 128 and _PLAIN_NAME.fullmatch(name) else shown(name)
 
 
+# Format characters (bidi overrides U+202E, zero-width U+200B..U+200D, BOM), line and paragraph
+# separators, private-use and unassigned code points: invisible or reordering in a label. (This also
+# refuses emoji joined by U+200D; a label is an identifier a client compares, not prose.)
+_INVISIBLE = frozenset({"Cf", "Zl", "Zp", "Co", "Cn"})
+
+
 def _bad_text(value: str, limit: int) -> str | None:
     """Why `value` cannot be a label or a name shown to users and logs (None: it can)."""
     if not value:
@@ -432,8 +438,14 @@ def _bad_text(value: str, limit: int) -> str | None:
     if len(value) > limit:
         return f"has {len(value)} characters (at most {limit})"
     for index, char in enumerate(value):
-        if unicodedata.category(char) in ("Cc", "Cs"):  # control characters, lone surrogates
+        category = unicodedata.category(char)
+        if category in ("Cc", "Cs"):  # control characters, lone surrogates
             return f"has a control or surrogate character {char!r} at position {index}"
+        if category in _INVISIBLE:
+            return (
+                f"has an invisible character {char!r} (U+{ord(char):04X}, category {category}) at "
+                f"position {index}: a prediction would return a label that prints wrongly or not at all"
+            )
     return None
 
 

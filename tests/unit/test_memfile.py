@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import struct
 
 import pytest
@@ -182,3 +183,29 @@ def test_unknown_layernorm_name():
 def test_validation_without_backbone_still_checks_structure():
     memory = make_memory(backbone_fingerprint="0" * 64)
     assert load_memory(memory_to_bytes(memory)).spec.backbone_fingerprint == "0" * 64
+
+
+@pytest.mark.parametrize(
+    ("label", "code"),
+    [
+        ("positive\u202e", "U+202E"),  # right-to-left override: reorders what follows when printed
+        ("pos\u200bitive", "U+200B"),  # zero-width space: looks like "positive", compares unequal
+        ("\u2066negative", "U+2066"),  # left-to-right isolate
+        ("\ufeffneutral", "U+FEFF"),  # byte order mark
+        ("line\u2028break", "U+2028"),  # line separator
+        ("para\u2029break", "U+2029"),  # paragraph separator
+        ("private\ue000", "U+E000"),  # private use
+        ("unassigned\U000e0080", "U+E0080"),
+    ],
+)
+def test_labels_with_invisible_or_format_characters_are_refused(label: str, code: str) -> None:
+    tensors, metadata = parts()
+    metadata["labels"] = json.dumps(["neg", label, "neutral"])
+    with pytest.raises(MemoryInvalid, match=f"label 1 .*invisible character .*{re.escape(code)}"):
+        load_memory(rebuild(tensors, metadata), BACKBONE)
+
+
+def test_labels_in_any_script_are_still_accepted() -> None:
+    labels = ("négatif", "正面", "нейтральный")  # letters of any script, accents, CJK: fine
+    memory = load_memory(memory_to_bytes(make_memory(labels=labels)), BACKBONE)
+    assert memory.spec.labels == labels
