@@ -8,7 +8,11 @@ import asyncio
 from typing import Any
 
 import pytest
+import torch
 from mounts import mounted, remount_read_only
+from safetensors.torch import save as save_safetensors
+
+from app.spartan.memfile import memory_tensors, memory_to_bytes, spec_metadata
 
 pytestmark = pytest.mark.model
 
@@ -72,3 +76,26 @@ def test_a_full_store_refuses_an_upload_with_507_and_keeps_serving(
         asyncio.run(scenario())
         names = sorted(p.name for p in settings.memory_dir.iterdir())
         assert names == [".spartan.lock", "alpha.safetensors"]  # no temp file left behind
+
+
+def test_uploads_with_huge_values_or_invisible_labels_are_refused_with_422(
+    make_memory: Any, settings_for: Any, serve: Any
+) -> None:
+    memory = make_memory(seed=3)
+    tensors = memory_tensors(memory)
+    tensors["head.out.weight"] = torch.full_like(
+        tensors["head.out.weight"], torch.finfo(torch.float32).max / 4
+    )
+    huge = save_safetensors(tensors, metadata=spec_metadata(memory.spec))
+    bidi = memory_to_bytes(make_memory(seed=3, labels=("negative", "positive\u202e")))
+    zero_width = memory_to_bytes(make_memory(seed=3, labels=("nega\u200btive", "positive")))
+
+    async def scenario() -> None:
+        async with serve(settings_for()) as (_, client):
+            for body, phrase in ((huge, "non-finite outputs"), (bidi, "U+202E"), (zero_width, "U+200B")):
+                status, kind, message = error_of(await client.put("/v1/tasks/alpha/memory", content=body))
+                assert (status, kind) == (422, "memory_invalid")
+                assert phrase in message
+            assert (await client.get("/v1/tasks/alpha")).status_code == 404
+
+    asyncio.run(scenario())

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import save as save_safetensors
 
 from app.errors import (
     BackboneMismatch,
@@ -27,7 +28,7 @@ from app.errors import (
 from app.metrics import Metrics
 from app.registry.registry import Registry, check_replace, memory_nbytes
 from app.registry.store import LocalFolderStore, validate_task_name
-from app.spartan.memfile import BackboneIdentity, load_memory, memory_to_bytes
+from app.spartan.memfile import BackboneIdentity, load_memory, memory_tensors, memory_to_bytes, spec_metadata
 from app.spartan.memory import MemorySpec, TaskMemory
 
 IDENTITY = BackboneIdentity(fingerprint="tiny-fp", num_layers=2, hidden_size=8, name="tiny")
@@ -455,3 +456,18 @@ def test_check_replace_rules() -> None:
         check_replace("t", "v1", False, None)
     with pytest.raises(MemoryConflict):
         check_replace("t", "v1", True, "v2")  # an explicit If-Match wins over replace
+
+
+def test_a_dropped_file_with_finite_but_huge_values_is_invalid_when_loaded(folder: Path) -> None:
+    memory = load_memory(tiny_memory(1), IDENTITY)
+    tensors = memory_tensors(memory)
+    tensors["head.out.weight"] = torch.full_like(
+        tensors["head.out.weight"], torch.finfo(torch.float32).max / 4
+    )
+    write(folder, "alpha", save_safetensors(tensors, metadata=spec_metadata(memory.spec)))
+    registry = make_registry(folder)
+    with pytest.raises(TaskUnavailable, match="non-finite outputs"):
+        registry.resolve("alpha")
+    info = registry.info("alpha")
+    assert info.status == "invalid"
+    assert "non-finite outputs" in (info.error or "")
