@@ -39,6 +39,7 @@ from app.errors import (
     TaskUnavailable,
 )
 from app.metrics import Metrics
+from app.registry.guard import GuardedStore
 from app.registry.store import MemoryStore, StoredFile, validate_task_name
 from app.spartan.memfile import (
     BackboneIdentity,
@@ -157,6 +158,13 @@ class Registry:
         self._poll_stop = threading.Event()
         self._poller: threading.Thread | None = None
         self._listeners: list[MemoryListener] = []
+        if isinstance(store, GuardedStore):
+            store.bind_metrics(self.metrics)
+
+    @property
+    def store_up(self) -> bool:
+        """False while the store does not answer (a call failed or timed out, until one answers)."""
+        return self.store.up if isinstance(self.store, GuardedStore) else True
 
     def add_listener(self, listener: MemoryListener) -> None:
         """Called with (task, memory) after a memory is installed (first load, reload after eviction,

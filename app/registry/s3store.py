@@ -60,7 +60,9 @@ class S3Store:
             config=Config(
                 connect_timeout=settings.s3_timeout_s,
                 read_timeout=settings.s3_timeout_s,
-                retries={"max_attempts": 3, "mode": "standard"},
+                # At most 2 attempts of s3_timeout_s each: a hung server frees the calling thread
+                # in seconds (GuardedStore gives up on the call after store_timeout_s anyway).
+                retries={"total_max_attempts": 2, "mode": "standard"},
                 # Path-style URLs work with every S3-compatible server; virtual hosts need DNS per bucket.
                 s3={"addressing_style": "path"},
             ),

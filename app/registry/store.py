@@ -233,9 +233,15 @@ def _stored(task: str, st: os.stat_result) -> StoredFile:
 
 
 def open_store(settings: Settings) -> MemoryStore:
-    """The store the settings name: the local folder (default) or an S3-compatible bucket."""
+    """The store the settings name, the local folder (default) or an S3-compatible bucket, with every
+    call bounded by `store_timeout_s` (app/registry/guard.py)."""
+    from app.registry.guard import GuardedStore
+
+    store: MemoryStore
     if settings.store == "s3":
         from app.registry.s3store import S3Store  # boto3 is imported only where it is used
 
-        return S3Store.from_settings(settings)
-    return LocalFolderStore(settings.memory_dir)
+        store = S3Store.from_settings(settings)
+    else:
+        store = LocalFolderStore(settings.memory_dir)
+    return GuardedStore(store, settings.store_timeout_s)

@@ -14,6 +14,7 @@ import pytest
 from mounts import mounted, remount_read_only  # tests/ is on sys.path (rootdir conftest)
 
 from app.errors import StoreConflict, StoreFull, StoreReadOnly, StoreUnavailable, TaskNotFound
+from app.registry.guard import GuardedStore
 from app.registry.s3store import S3Store
 from app.registry.store import ANY_VERSION, LocalFolderStore, MemoryStore, open_store
 from app.settings import Settings
@@ -115,7 +116,8 @@ def test_s3_settings_build_the_store_and_create_its_bucket(seaweed: Any) -> None
     settings = Settings(**{key.removeprefix("SPARTAN_").lower(): value
                            for key, value in seaweed.settings_env(bucket).items()})  # fmt: skip
     store = open_store(settings)
-    assert isinstance(store, S3Store)
+    assert isinstance(store, GuardedStore)
+    assert isinstance(store.inner, S3Store)
     assert bucket in store.location
     store.write("alpha", b"a", expected=None)
     assert set(seaweed.client().list_objects_v2(Bucket=bucket)["Contents"][0].values()) >= {
