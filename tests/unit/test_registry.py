@@ -5,6 +5,7 @@ Tiny memories (2 layers of width 8) on a made-up backbone identity: no model is 
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import os
@@ -22,6 +23,7 @@ from app.errors import (
     InvalidTaskName,
     MemoryConflict,
     MemoryInvalid,
+    PoolingMismatch,
     TaskNotFound,
     TaskUnavailable,
 )
@@ -471,3 +473,60 @@ def test_a_dropped_file_with_finite_but_huge_values_is_invalid_when_loaded(folde
     info = registry.info("alpha")
     assert info.status == "invalid"
     assert "non-finite outputs" in (info.error or "")
+
+
+def test_pinned_tasks_over_the_byte_budget_all_stay_and_the_excess_is_logged(
+    folder: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    for index, name in enumerate("abcd"):
+        write(folder, name, tiny_memory(index))
+    one = memory_nbytes(load_memory(tiny_memory(0), IDENTITY))
+    registry = make_registry(folder, max_loaded_bytes=int(1.5 * one), pinned=["a", "b"])
+    with caplog.at_level("WARNING", logger="app.registry.registry"):
+        registry.load_pinned()
+    assert registry.loaded_bytes == 2 * one  # over the budget: pinned memories are never evicted
+    assert "capacity exceeded by pinned or in-use tasks" in caplog.text
+    registry.resolve("c")  # an unpinned task still serves (kept while it is the one just loaded)
+    registry.resolve("d")  # and is the one evicted for the next
+    resident = {name for name in "abcd" if registry.resolve_loaded(name) is not None}
+    assert resident == {"a", "b", "d"}
+    assert registry.loaded_bytes == 3 * one
+
+
+def test_the_poller_skips_a_task_whose_lock_is_held_and_catches_up_next_time(folder: Path) -> None:
+    v1, v2, v3, v4 = (tiny_memory(seed) for seed in (1, 2, 3, 4))
+    write(folder, "alpha", v1)
+    write(folder, "beta", v2)
+    registry = make_registry(folder)
+    registry.resolve("alpha")
+    write(folder, "alpha", v3)
+    write(folder, "beta", v4)
+    lock = registry._tasks["alpha"].lock  # as a slow load or upload of alpha holds it
+    lock.acquire()
+    try:
+        done = threading.Event()
+        poll = threading.Thread(target=lambda: (registry.refresh(), done.set()))
+        poll.start()
+        assert done.wait(timeout=10), "the poll waited for a task's lock instead of skipping it"
+        assert registry.resolve_loaded("alpha").version == sha(v1)  # skipped, still serving
+        assert registry.info("beta").version == sha(v4)  # the others were synced
+    finally:
+        lock.release()
+    poll.join()
+    registry.refresh()
+    assert registry.resolve_loaded("alpha").version == sha(v3)  # caught up
+
+
+def test_an_upload_trained_with_another_pooling_is_refused_with_422(folder: Path) -> None:
+    from app.api.errors import status_for
+
+    torch.manual_seed(0)
+    spec = MemorySpec(num_layers=2, hidden_size=8, num_parents=4, num_children=2, top_k=2,
+                      pooling="first", backbone_id="tiny", backbone_fingerprint="tiny-fp")  # fmt: skip
+    registry = Registry(
+        LocalFolderStore(folder), dataclasses.replace(IDENTITY, pooling="mean"), metrics=Metrics()
+    )
+    with pytest.raises(PoolingMismatch, match="'first' pooling, this backbone pools with 'mean'") as caught:
+        registry.put("alpha", memory_to_bytes(TaskMemory(spec)))
+    assert status_for(caught.value) == 422
+    assert not folder.exists() or store_files(folder) == []  # nothing was written
