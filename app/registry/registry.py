@@ -349,6 +349,9 @@ class Registry:
             started = time.perf_counter()
             try:
                 self.refresh()
+            except StoreUnavailable as err:  # a store that is down: said once per poll, no traceback
+                self.metrics.store_polls.labels("error").inc()
+                log.warning("memory store poll failed: %s", err)
             except Exception:  # the poller must outlive a flaky store
                 self.metrics.store_polls.labels("error").inc()
                 log.exception("memory store poll failed")
