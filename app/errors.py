@@ -35,6 +35,10 @@ class BackboneMismatch(MemoryInvalid):
     """A memory file was trained for another backbone than the one served."""
 
 
+class PoolingMismatch(MemoryInvalid):
+    """A memory file was trained with another pooling (mean, first token) than the served backbone's."""
+
+
 class MemoryConflict(SpartanError):
     """A write would overwrite a memory without being asked to (or with a stale version)."""
 
@@ -44,7 +48,16 @@ class StoreConflict(MemoryConflict):
 
 
 class StoreUnavailable(SpartanError):
-    """The memory store (an S3 endpoint) cannot be reached or refused the call; retrying may help."""
+    """The memory store (an S3 endpoint) cannot be reached, refused the call or did not answer in
+    time; retrying may help."""
+
+
+class StoreFull(SpartanError):
+    """The memory store has no space left (ENOSPC, a quota): the write was refused, nothing was left."""
+
+
+class StoreReadOnly(SpartanError):
+    """The memory store is read-only (a read-only mount or volume): it serves, but refuses writes."""
 
 
 class TaskNotFound(SpartanError):

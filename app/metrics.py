@@ -155,6 +155,18 @@ class Metrics:
             "Uploads refused because another writer changed the task in the store first.",
             registry=r,
         )
+        self.store_up = Gauge(
+            "spartan_store_up",
+            "1 while the memory store answers its calls in time, 0 after a call failed or timed out "
+            "(until the next call it answers).",
+            registry=r,
+        )
+        self.store_up.set(1)
+        self.store_call_timeouts = Counter(
+            "spartan_store_call_timeouts",
+            "Memory store calls given up after SPARTAN_STORE_TIMEOUT_S without an answer.",
+            registry=r,
+        )
         self.build_info = Info(
             "spartan_build", "Version of spartan-serve and the backbone served.", registry=r
         )

@@ -63,7 +63,17 @@ class Settings(BaseSettings):
         default=False, description="Create the bucket at start if it does not exist (development)."
     )
     s3_timeout_s: float = Field(
-        default=10.0, gt=0.0, description="Connect and read timeout of one S3 call, in seconds."
+        default=2.0,
+        gt=0.0,
+        description="Connect and read timeout of one S3 request, in seconds (boto3 tries a call at most "
+        "twice); store_timeout_s bounds the whole call.",
+    )
+    store_timeout_s: float = Field(
+        default=5.0,
+        gt=0.0,
+        description="Longest wait for one memory store call (listing, stat, read, write, delete); then "
+        "503 and the store counts as down (spartan_store_up 0, /readyz `store: down`) until a call "
+        "answers. Below request_timeout_s, so a hung store cannot hold a request past its deadline.",
     )
     precision: Literal["auto", "bf16", "fp32"] = Field(
         default="auto",
@@ -234,6 +244,15 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"max_queue_work_s ({self.max_queue_work_s}) must be below request_timeout_s "
                 f"({self.request_timeout_s})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _store_answers_within_a_request(self) -> Settings:
+        if self.store_timeout_s >= self.request_timeout_s:
+            raise ValueError(
+                f"store_timeout_s ({self.store_timeout_s}) must be below request_timeout_s "
+                f"({self.request_timeout_s}): a hung store would hold requests past their deadline"
             )
         return self
 

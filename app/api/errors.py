@@ -33,11 +33,14 @@ from app.errors import (
     NotReady,
     Overloaded,
     PayloadTooLarge,
+    PoolingMismatch,
     RequestTimeout,
     RoutingStatsDisabled,
     ServerBusy,
     SpartanError,
     StoreConflict,
+    StoreFull,
+    StoreReadOnly,
     StoreUnavailable,
     TaskNotFound,
     TaskUnavailable,
@@ -52,6 +55,7 @@ ERROR_STATUS: dict[type[SpartanError], int] = {
     InvalidTaskName: 422,
     MemoryInvalid: 422,
     BackboneMismatch: 409,
+    PoolingMismatch: 422,  # the file is wrong for any backbone of this kind, not another backbone's
     MemoryConflict: 409,
     StoreConflict: 409,
     TaskNotFound: 404,
@@ -66,6 +70,8 @@ ERROR_STATUS: dict[type[SpartanError], int] = {
     ServerBusy: 503,
     TaskUnavailable: 503,
     StoreUnavailable: 503,
+    StoreReadOnly: 503,  # the store serves but takes no writes: not this request's fault
+    StoreFull: 507,  # Insufficient Storage: the store has no room for the write
     RequestTimeout: 504,
     InferenceFailed: 500,
     BackboneError: 503,
@@ -90,8 +96,10 @@ _STATUS_MEANING = {
     413: "Too large",
     422: "Invalid request, task name or memory file (the message says exactly what)",
     429: "Queue full: retry after the Retry-After header's seconds",
-    503: "Not ready, the task's stored file cannot be served, or the memory store is unreachable",
+    503: "Not ready, the task's stored file cannot be served, or the memory store is unreachable, "
+    "did not answer in time, or is read-only (writes)",
     504: "The request outlived its deadline",
+    507: "The memory store is full: nothing was written",
 }
 
 

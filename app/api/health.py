@@ -20,12 +20,16 @@ async def healthz() -> Health:
 
 
 async def readyz(request: Request) -> JSONResponse:
-    """Readiness: the backbone is loaded and the batch worker is alive and not stuck."""
+    """Readiness: the backbone is loaded and the batch worker is alive and not stuck. `store` says
+    whether the memory store answers (`down`: cold tasks and writes get 503, resident tasks serve)."""
     svc: Services | None = getattr(request.app.state, "services", None)
     reasons = ["the backbone and registry are not loaded yet"] if svc is None else []
     if svc is not None and (problem := svc.batcher.health()) is not None:
         reasons.append(problem)
-    health = Health(status="not_ready", reasons=reasons) if reasons else Health(status="ready")
+    # The store is shown, not a reason to be unready: resident tasks still serve while the shared
+    # store is down, and every replica would leave the load balancer at once if it were.
+    store = None if svc is None else ("up" if svc.registry.store_up else "down")
+    health = Health(status="not_ready" if reasons else "ready", reasons=reasons, store=store)
     return JSONResponse(health.model_dump(), status_code=503 if reasons else 200)
 
 

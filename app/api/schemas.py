@@ -333,3 +333,8 @@ class ErrorBody(BaseModel):
 class Health(BaseModel):
     status: Literal["alive", "ready", "not_ready"]
     reasons: list[str] = Field(default_factory=list, description="Why the service is not ready.")
+    store: Literal["up", "down"] | None = Field(
+        default=None,
+        description="/readyz: whether the memory store answers (a down store is shown, not a reason to "
+        "be unready: resident tasks still serve).",
+    )

@@ -165,7 +165,7 @@ def build_router(settings: Settings) -> APIRouter:
         status_code=201,
         responses={
             200: {"model": TaskOut, "description": "Replaced"},
-            **error_responses(401, 403, 409, 413, 422),
+            **error_responses(401, 403, 409, 413, 422, 503, 507),
         },
         openapi_extra=_UPLOAD_BODY,
         max_body_size=settings.max_upload_bytes + MULTIPART_SLACK_BYTES,
@@ -177,7 +177,7 @@ def build_router(settings: Settings) -> APIRouter:
         methods=["DELETE"],
         status_code=204,
         dependencies=admin,
-        responses=error_responses(401, 403, 404, 422),
+        responses=error_responses(401, 403, 404, 409, 422, 503),
         summary="Delete a task",
         response_class=Response,
     )

@@ -56,6 +56,15 @@ class BackboneMismatch(MemoryInvalid): ...  # 409: trained for another backbone
 class MemoryConflict(ServiceError): ...  # 409: exists (no replace), or If-Match differs
 
 
+class PoolingMismatch(MemoryInvalid): ...  # 422: trained with another pooling than the backbone's
+
+
+class StoreFull(ServiceError): ...  # 507: the store has no space left
+
+
+class StoreReadOnly(ServiceError): ...  # 503: the store is read-only (it serves, refuses writes)
+
+
 class StoreConflict(MemoryConflict): ...  # 409: another writer changed the task meanwhile
 
 
@@ -140,7 +149,8 @@ ERROR_TYPES: dict[str, type[ServiceError]] = {
         InvalidInput, InvalidTaskName, MemoryInvalid, BackboneMismatch, MemoryConflict, StoreConflict,
         TaskNotFound, RoutingStatsDisabled, PayloadTooLarge, BodyTimeout, HeadersTooLarge, ServerBusy,
         Overloaded, AuthenticationRequired, WritesDisabled, NotReady, TaskUnavailable, StoreUnavailable,
-        RequestTimeout, InferenceFailed, NonFiniteOutput, BackboneError, AssetError, InvalidRequest,
+        PoolingMismatch, StoreFull, StoreReadOnly, RequestTimeout, InferenceFailed, NonFiniteOutput,
+        BackboneError, AssetError, InvalidRequest,
         NotFound, MethodNotAllowed, UnsupportedMediaType, HttpError, InternalError,
     )
 }  # fmt: skip

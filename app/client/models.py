@@ -102,6 +102,7 @@ class ErrorBody(BaseModel):
 class Health(BaseModel):
     status: Literal["alive", "ready", "not_ready"]
     reasons: list[str] = Field(default_factory=list)
+    store: Literal["up", "down"] | None = None
 
 
 # The models the service defines, by name: what the schema comparison test walks.

@@ -267,6 +267,7 @@ class SpartanEncoder:
             hidden_size=self.backbone.hidden_size,
             name=self.backbone.name,
             layernorm_names=tuple(self.layernorm_names),
+            pooling=self.backbone.pooling,
         )
 
     def encode(self, texts: list[str], pairs: list[str] | None, max_length: int) -> BatchEncoding:

@@ -6,6 +6,9 @@ Concurrency model:
 * each task has its own lock, held while its file is read, validated and swapped in, so two requests
   for a cold task load it once, and a slow load of one task never blocks another.
 * lock order is always task lock -> `_lock`.
+* one live state per name: a state is only removed from the index (deleted) with its lock held, and
+  whoever waited for that lock sees it is dead and starts again on the current state (`_locked_state`),
+  so a write racing a delete never installs into a state nobody indexes (byte accounting stays exact).
 
 A memory is validated completely before it replaces anything: a bad upload or a bad file dropped in the
 store leaves the old version serving. Requests keep a reference to the memory they resolved, so a
@@ -22,7 +25,8 @@ import logging
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -35,6 +39,7 @@ from app.errors import (
     TaskUnavailable,
 )
 from app.metrics import Metrics
+from app.registry.guard import GuardedStore
 from app.registry.store import MemoryStore, StoredFile, validate_task_name
 from app.spartan.memfile import (
     BackboneIdentity,
@@ -153,6 +158,13 @@ class Registry:
         self._poll_stop = threading.Event()
         self._poller: threading.Thread | None = None
         self._listeners: list[MemoryListener] = []
+        if isinstance(store, GuardedStore):
+            store.bind_metrics(self.metrics)
+
+    @property
+    def store_up(self) -> bool:
+        """False while the store does not answer (a call failed or timed out, until one answers)."""
+        return self.store.up if isinstance(self.store, GuardedStore) else True
 
     def add_listener(self, listener: MemoryListener) -> None:
         """Called with (task, memory) after a memory is installed (first load, reload after eviction,
@@ -209,8 +221,8 @@ class Registry:
             self.metrics.memory_loads.labels("upload", "invalid").inc()
             raise
         seconds = time.perf_counter() - started
-        state = self._state_for_write(task)
-        with state.lock:
+        with self._locked_state(task) as state:
+            assert state is not None
             current = self._current_facts(state)
             if current is not None and current.version == memory.version and current.error is None:
                 # The same bytes again (a client's or the proxy's retry): nothing to write; succeed.
@@ -337,6 +349,9 @@ class Registry:
             started = time.perf_counter()
             try:
                 self.refresh()
+            except StoreUnavailable as err:  # a store that is down: said once per poll, no traceback
+                self.metrics.store_polls.labels("error").inc()
+                log.warning("memory store poll failed: %s", err)
             except Exception:  # the poller must outlive a flaky store
                 self.metrics.store_polls.labels("error").inc()
                 log.exception("memory store poll failed")
@@ -357,10 +372,23 @@ class Registry:
             raise TaskNotFound(f"no memory is registered for task {task!r}")
         return state
 
-    def _state_for_write(self, task: str) -> _Task:
-        # One state object per name, shared by concurrent writers, so their task lock serialises them.
-        with self._lock:
-            return self._tasks.setdefault(task, _Task(task))
+    @contextmanager
+    def _locked_state(self, task: str, *, wait: bool = True) -> Iterator[_Task | None]:
+        """The task's one live state (a placeholder if new), its lock held; None if `wait` is False
+        and the lock is taken. A state deleted while we waited for its lock is dead: start again."""
+        while True:
+            with self._lock:
+                state = self._tasks.setdefault(task, _Task(task))
+            if not state.lock.acquire(blocking=wait):
+                yield None
+                return
+            if not state.deleted:
+                break
+            state.lock.release()
+        try:
+            yield state
+        finally:
+            state.lock.release()
 
     def _current_facts(self, state: _Task) -> FileFacts | None:
         """The facts of the task's stored file now (described if new to us); None if there is none."""
@@ -374,29 +402,26 @@ class Registry:
 
     def _sync(self, task: str, *, wait: bool = False) -> None:
         """Re-read one task's file if it changed; unregister it if it is gone."""
-        state = self._state_for_write(task)
         # The poller skips a task whose lock is held (a load or an upload); the next poll catches up.
-        if not state.lock.acquire(blocking=wait):
-            return
-        try:
-            stored = self.store.stat(task)
-            if stored is None:
+        with self._locked_state(task, wait=wait) as state:
+            if state is None:
+                return
+            try:
+                stored = self.store.stat(task)
+                if stored is None:
+                    self._unregister(state)
+                    return
+                if state.file is not None and state.file.stored.stamp == stored.stamp:
+                    return
+                data, stored = self.store.read(task)
+                facts = self.describe(data, stored)
+                if state.memory is None:
+                    with self._lock:
+                        state.file = facts
+                else:
+                    self._reload(state, data, facts)
+            except TaskNotFound:
                 self._unregister(state)
-                return
-            if state.file is not None and state.file.stored.stamp == stored.stamp:
-                return
-            data, stored = self.store.read(task)
-            facts = self.describe(data, stored)
-            if state.memory is None:
-                with self._lock:
-                    state.file = facts
-                    self._tasks[task] = state
-            else:
-                self._reload(state, data, facts)
-        except TaskNotFound:
-            self._unregister(state)
-        finally:
-            state.lock.release()
 
     def _reload(self, state: _Task, data: bytes, facts: FileFacts) -> None:
         """A resident task's file changed in the store: swap in the new version only if it is valid."""
@@ -438,11 +463,12 @@ class Registry:
     ) -> None:
         nbytes = memory_nbytes(memory)
         with self._lock:
+            # Only into the live state (its lock held): never resurrect a deleted one beside it.
+            assert self._tasks.get(state.name) is state, f"stale state of task {state.name}"
             if state.memory is not None:
                 self._loaded_bytes -= state.memory_bytes
             state.memory, state.memory_bytes, state.file = memory, nbytes, facts
-            state.load_seconds, state.deleted = seconds, False
-            self._tasks[state.name] = state
+            state.load_seconds = seconds
             self._loaded_bytes += nbytes
             self._lru[state.name] = None
             self._lru.move_to_end(state.name)

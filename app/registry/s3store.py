@@ -60,7 +60,9 @@ class S3Store:
             config=Config(
                 connect_timeout=settings.s3_timeout_s,
                 read_timeout=settings.s3_timeout_s,
-                retries={"max_attempts": 3, "mode": "standard"},
+                # At most 2 attempts of s3_timeout_s each: a hung server frees the calling thread
+                # in seconds (GuardedStore gives up on the call after store_timeout_s anyway).
+                retries={"total_max_attempts": 2, "mode": "standard"},
                 # Path-style URLs work with every S3-compatible server; virtual hosts need DNS per bucket.
                 s3={"addressing_style": "path"},
             ),
@@ -138,10 +140,18 @@ class S3Store:
         return StoredFile(task, len(data), str(response["ETag"]))
 
     def delete(self, task: str) -> bool:
-        if self.stat(task) is None:
+        # Conditional on the ETag just seen (If-Match on DeleteObject: AWS S3 since 2024, SeaweedFS
+        # 4.x; tested on it), so a version another replica wrote after the check is never removed.
+        current = self.stat(task)
+        if current is None:
             return False
         key = self.key(task)
-        self._call(lambda: self.client.delete_object(Bucket=self.bucket, Key=key))
+        try:
+            self._call(lambda: self.client.delete_object(Bucket=self.bucket, Key=key, IfMatch=current.stamp))
+        except _Precondition:
+            if self.stat(task) is None:
+                return False  # another writer deleted it first: the outcome asked for
+            raise conflict(task, current.stamp, "delete") from None
         return True
 
     def recover(self) -> int:

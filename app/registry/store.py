@@ -12,6 +12,7 @@ is what makes two replicas that upload the same task at once end with one winner
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import re
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Protocol
 
-from app.errors import InvalidTaskName, StoreConflict, TaskNotFound
+from app.errors import InvalidTaskName, SpartanError, StoreConflict, StoreFull, StoreReadOnly, TaskNotFound
 from app.spartan.memfile import fsync_folder, write_atomically
 
 if TYPE_CHECKING:
@@ -84,7 +85,8 @@ class MemoryStore(Protocol):
         ...
 
     def delete(self, task: str) -> bool:
-        """Remove the task's file; False if there was none."""
+        """Remove the task's file, exactly the version the store has when it checks (StoreConflict
+        if another writer replaces it meanwhile); False if there was none."""
         ...
 
     def recover(self) -> int:
@@ -92,19 +94,41 @@ class MemoryStore(Protocol):
         ...
 
 
-def conflict(task: str, expected: str | None) -> StoreConflict:
-    seen = "no file" if expected is None else "the version this upload checked"
+def conflict(task: str, expected: str | None, action: str = "upload") -> StoreConflict:
+    seen = "no file" if expected is None else f"the version this {action} checked"
+    done = "written" if action == "upload" else "deleted"
     return StoreConflict(
-        f"task {task!r} was changed in the memory store by another writer after this upload checked "
-        f"it (it saw {seen}); nothing was written: fetch the task's current version and retry"
+        f"task {task!r} was changed in the memory store by another writer after this {action} checked "
+        f"it (it saw {seen}); nothing was {done}: fetch the task's current version and retry"
     )
+
+
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+_READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def write_refused(task: str, err: OSError) -> SpartanError | None:
+    """The domain error of a write the filesystem refused for lack of room or of write access."""
+    if err.errno in _NO_SPACE:
+        return StoreFull(
+            f"the memory store has no space left for task {task!r} ({os.strerror(err.errno)}); "
+            "nothing was written: free space or grow the volume, then retry"
+        )
+    if err.errno in _READ_ONLY:
+        return StoreReadOnly(
+            f"the memory store is read-only ({os.strerror(err.errno)}): it serves its memories but "
+            f"cannot change task {task!r}; write through a replica whose store is writable"
+        )
+    return None
 
 
 class LocalFolderStore:
     """Task memories as `<task>.safetensors` files in one folder. Other files are ignored.
 
     Several processes may share the folder (replicas on one volume): a compare-and-swap write holds an
-    exclusive flock on `.spartan.lock` in the folder from the check to the rename.
+    exclusive flock on `.spartan.lock` in the folder from the check to the rename. The lock file is
+    created by the first write (never by reading), so a read-only folder serves; it is git-ignored.
+    A write the filesystem refuses (full, read-only) is StoreFull / StoreReadOnly, with nothing left.
     """
 
     LOCK_NAME = ".spartan.lock"
@@ -155,17 +179,17 @@ class LocalFolderStore:
 
     def write(self, task: str, data: bytes, *, expected: str | None = ANY_VERSION) -> StoredFile:
         path = self.path(task)
-        with self._locked():
+        with self._refused_as(task), self._locked():
             if expected != ANY_VERSION:
                 current = self.stat(task)
                 if (current.stamp if current else None) != expected:
                     raise conflict(task, expected)
-            write_atomically(path, data)
+            write_atomically(path, data)  # removes its temp file if the write fails
             return _stored(task, path.stat())
 
     def delete(self, task: str) -> bool:
         path = self.path(task)
-        with self._locked():
+        with self._refused_as(task), self._locked():
             try:
                 path.unlink()
             except FileNotFoundError:
@@ -177,11 +201,23 @@ class LocalFolderStore:
         # A writer killed mid-write leaves its hidden temp file (never the task's file: the rename is
         # atomic). Under the lock no write is in progress, so every temp file is an orphan.
         removed = 0
-        with self._locked():
-            for orphan in self.root.glob(f".*{MEMORY_SUFFIX}.*.tmp"):
-                orphan.unlink(missing_ok=True)
-                removed += 1
+        try:
+            with self._refused_as("*"), self._locked():
+                for orphan in self.root.glob(f".*{MEMORY_SUFFIX}.*.tmp"):
+                    orphan.unlink(missing_ok=True)
+                    removed += 1
+        except StoreReadOnly:
+            return 0  # nobody can have written here through this mount: nothing to recover
         return removed
+
+    @contextmanager
+    def _refused_as(self, task: str) -> Iterator[None]:
+        try:
+            yield
+        except OSError as err:
+            if (refused := write_refused(task, err)) is not None:
+                raise refused from err
+            raise
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -197,9 +233,15 @@ def _stored(task: str, st: os.stat_result) -> StoredFile:
 
 
 def open_store(settings: Settings) -> MemoryStore:
-    """The store the settings name: the local folder (default) or an S3-compatible bucket."""
+    """The store the settings name, the local folder (default) or an S3-compatible bucket, with every
+    call bounded by `store_timeout_s` (app/registry/guard.py)."""
+    from app.registry.guard import GuardedStore
+
+    store: MemoryStore
     if settings.store == "s3":
         from app.registry.s3store import S3Store  # boto3 is imported only where it is used
 
-        return S3Store.from_settings(settings)
-    return LocalFolderStore(settings.memory_dir)
+        store = S3Store.from_settings(settings)
+    else:
+        store = LocalFolderStore(settings.memory_dir)
+    return GuardedStore(store, settings.store_timeout_s)

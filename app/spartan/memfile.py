@@ -23,12 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from app.errors import BackboneMismatch, MemoryInvalid
-from app.spartan.memory import LayerNormOverride, MemorySpec, TaskMemory, layernorm_key
+from app.errors import BackboneMismatch, MemoryInvalid, PoolingMismatch
+from app.spartan.layer import memory_forward
+from app.spartan.memory import LayerNormOverride, MemorySpec, Pooling, TaskMemory, layernorm_key
 
 FORMAT_NAME = "spartan-memory"
 FORMAT_VERSION = 1
@@ -88,6 +90,9 @@ class BackboneIdentity:
     hidden_size: int
     name: str = ""
     layernorm_names: tuple[str, ...] = ()
+    # How the backbone pools its final states; None = not known, not checked. A memory's head was
+    # trained on one pooling: on another its inputs mean something else, so a mismatch is refused.
+    pooling: Pooling | None = None
 
 
 def spec_metadata(spec: MemorySpec) -> dict[str, str]:
@@ -206,6 +211,7 @@ def load_memory(data: bytes, backbone: BackboneIdentity | None = None) -> TaskMe
         raise MemoryInvalid(f"not a valid safetensors file: {err}") from err
     check_finite(tensors)
     memory = build_memory(spec, tensors)
+    check_probe(memory, tensors)
     memory.version = hashlib.sha256(data).hexdigest()
     return memory
 
@@ -425,6 +431,12 @@ def tensor_name(name: str) -> str:
     return name if len(name) <= 128 and _PLAIN_NAME.fullmatch(name) else shown(name)
 
 
+# Format characters (bidi overrides U+202E, zero-width U+200B..U+200D, BOM), line and paragraph
+# separators, private-use and unassigned code points: invisible or reordering in a label. (This also
+# refuses emoji joined by U+200D; a label is an identifier a client compares, not prose.)
+_INVISIBLE = frozenset({"Cf", "Zl", "Zp", "Co", "Cn"})
+
+
 def _bad_text(value: str, limit: int) -> str | None:
     """Why `value` cannot be a label or a name shown to users and logs (None: it can)."""
     if not value:
@@ -432,8 +444,14 @@ def _bad_text(value: str, limit: int) -> str | None:
     if len(value) > limit:
         return f"has {len(value)} characters (at most {limit})"
     for index, char in enumerate(value):
-        if unicodedata.category(char) in ("Cc", "Cs"):  # control characters, lone surrogates
+        category = unicodedata.category(char)
+        if category in ("Cc", "Cs"):  # control characters, lone surrogates
             return f"has a control or surrogate character {char!r} at position {index}"
+        if category in _INVISIBLE:
+            return (
+                f"has an invisible character {char!r} (U+{ord(char):04X}, category {category}) at "
+                f"position {index}: a prediction would return a label that prints wrongly or not at all"
+            )
     return None
 
 
@@ -583,6 +601,11 @@ def check_backbone(spec: MemorySpec, backbone: BackboneIdentity) -> None:
             f"memory has {spec.num_layers} layers of width {spec.hidden_size}, the backbone has "
             f"{backbone.num_layers} of width {backbone.hidden_size}"
         )
+    if backbone.pooling is not None and spec.pooling != backbone.pooling:
+        raise PoolingMismatch(
+            f"memory was trained with {spec.pooling!r} pooling, this backbone pools with "
+            f"{backbone.pooling!r}: its head would read states it was never trained on"
+        )
     unknown = sorted(set(spec.layernorm_names) - set(backbone.layernorm_names))
     if unknown:
         raise BackboneMismatch(
@@ -618,6 +641,60 @@ def check_finite(tensors: dict[str, torch.Tensor]) -> None:
         bad = int((~torch.isfinite(tensor)).sum())
         if bad:
             raise MemoryInvalid(f"tensor {name} has {bad} non-finite values (NaN or Inf)")
+
+
+PROBE_ROWS = 16
+PROBE_SEED = 20261201
+
+
+def check_probe(memory: TaskMemory, tensors: dict[str, torch.Tensor]) -> None:
+    """Run the memory once on fixed hidden states (seeded, unit scale like a backbone's after its
+    LayerNorms): every LayerNorm copy, each memory layer in turn and the head must give finite
+    results, and so must the next normalisation of each (finite values near the float32 maximum
+    pass `check_finite` but overflow there, and the task would answer NaN scores)."""
+    spec, width = memory.spec, (memory.spec.hidden_size,)
+    probe = torch.randn(PROBE_ROWS, spec.hidden_size, generator=torch.Generator().manual_seed(PROBE_SEED))
+    with torch.no_grad():
+        for name in spec.layernorm_names:
+            override = memory.layernorm(name)
+            assert override is not None, f"memory lacks its LayerNorm copy for {name}"
+            normed = F.layer_norm(probe, width, override.weight, override.bias)
+            _probe_finite(F.layer_norm(normed, width), f"LayerNorm {name}", tensors)
+        hidden = probe
+        for index, layer in enumerate(memory.memory_layers()):
+            # memory_forward, not layer(): no inference cache is built for a memory that may be refused.
+            update = memory_forward(
+                hidden,
+                layer.parent_keys,
+                layer.child_keys,
+                layer.child_values,
+                layer.top_k,
+                layer.temperature,
+            ).update
+            hidden = F.layer_norm(_probe_finite(hidden + update, f"memory layer {index}", tensors), width)
+            _probe_finite(hidden, f"memory layer {index}", tensors)
+        _probe_finite(memory.head(hidden), "the head", tensors)
+        # The output layer reads tanh values in [-1, 1]: this bound holds for every input, not just
+        # the probe's (logits of 1e38 pass the probe, and overflow on another input).
+        out = memory.head.out
+        bound = float((out.weight.double().abs().sum(dim=1) + out.bias.double().abs()).max())
+        if bound > torch.finfo(torch.float32).max:
+            raise MemoryInvalid(
+                f"memory's head can give non-finite outputs: its outputs reach {bound:.3g} for some "
+                "input, beyond float32 (in tensor head.out.weight or head.out.bias)"
+            )
+
+
+def _probe_finite(values: torch.Tensor, where: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    if bool(torch.isfinite(values).all()):
+        return values
+    name, tensor = max(
+        tensors.items(), key=lambda item: float(item[1].abs().max()) if item[1].numel() else 0.0
+    )
+    raise MemoryInvalid(
+        f"memory gives non-finite outputs on a fixed probe input (at {where}): its values are finite "
+        f"but too large (largest |value| {float(tensor.abs().max()):.3g}, in tensor {name})"
+    )
 
 
 def build_memory(spec: MemorySpec, tensors: dict[str, torch.Tensor]) -> TaskMemory:

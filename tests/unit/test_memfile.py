@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
+import re
 import struct
 
 import pytest
@@ -11,7 +13,7 @@ import torch
 from safetensors.torch import save as save_safetensors
 from tiny_memories import BACKBONE, make_memory
 
-from app.errors import BackboneMismatch, MemoryInvalid
+from app.errors import BackboneMismatch, MemoryInvalid, PoolingMismatch
 from app.spartan.memfile import (
     load_memory,
     load_memory_file,
@@ -182,3 +184,69 @@ def test_unknown_layernorm_name():
 def test_validation_without_backbone_still_checks_structure():
     memory = make_memory(backbone_fingerprint="0" * 64)
     assert load_memory(memory_to_bytes(memory)).spec.backbone_fingerprint == "0" * 64
+
+
+@pytest.mark.parametrize(
+    ("label", "code"),
+    [
+        ("positive\u202e", "U+202E"),  # right-to-left override: reorders what follows when printed
+        ("pos\u200bitive", "U+200B"),  # zero-width space: looks like "positive", compares unequal
+        ("\u2066negative", "U+2066"),  # left-to-right isolate
+        ("\ufeffneutral", "U+FEFF"),  # byte order mark
+        ("line\u2028break", "U+2028"),  # line separator
+        ("para\u2029break", "U+2029"),  # paragraph separator
+        ("private\ue000", "U+E000"),  # private use
+        ("unassigned\U000e0080", "U+E0080"),
+    ],
+)
+def test_labels_with_invisible_or_format_characters_are_refused(label: str, code: str) -> None:
+    tensors, metadata = parts()
+    metadata["labels"] = json.dumps(["neg", label, "neutral"])
+    with pytest.raises(MemoryInvalid, match=f"label 1 .*invisible character .*{re.escape(code)}"):
+        load_memory(rebuild(tensors, metadata), BACKBONE)
+
+
+def test_labels_in_any_script_are_still_accepted() -> None:
+    labels = ("négatif", "正面", "нейтральный")  # letters of any script, accents, CJK: fine
+    memory = load_memory(memory_to_bytes(make_memory(labels=labels)), BACKBONE)
+    assert memory.spec.labels == labels
+
+
+F32_MAX = torch.finfo(torch.float32).max
+
+
+@pytest.mark.parametrize(
+    ("tensor", "value"),
+    [
+        ("head.out.weight", F32_MAX / 4),  # the logits overflow: the task would answer "score": null
+        ("head.out.weight", F32_MAX / 6),  # finite on the probe, overflows on some other input
+        ("head.dense.weight", F32_MAX / 2),
+        ("layers.1.child_values", F32_MAX / 8),  # the layer's update overflows the hidden state
+        ("layers.0.parent_keys", F32_MAX / 2),  # routing logits overflow: softmax NaN
+        ("layernorm.embeddings.LayerNorm.weight", F32_MAX / 2),
+        ("layernorm.encoder.layer.0.output.LayerNorm.bias", 1e25),  # finite, but the next norm overflows
+    ],
+)
+def test_finite_but_huge_values_are_refused_by_the_probe(tensor: str, value: float) -> None:
+    tensors, metadata = parts()
+    tensors[tensor] = torch.full_like(tensors[tensor], value)
+    with pytest.raises(MemoryInvalid, match=rf"non-finite outputs.*in tensor {re.escape(tensor)}"):
+        load_memory(rebuild(tensors, metadata), BACKBONE)
+
+
+def test_large_but_sane_values_pass_the_probe() -> None:
+    tensors, metadata = parts()
+    tensors["head.out.weight"] = tensors["head.out.weight"] * 1e4  # confident, not broken
+    tensors["layers.0.child_values"] = tensors["layers.0.child_values"] * 1e3
+    assert load_memory(rebuild(tensors, metadata), BACKBONE).spec.num_layers == 2
+
+
+def test_a_memory_trained_with_another_pooling_is_refused() -> None:
+    first = memory_to_bytes(make_memory(pooling="first"))
+    mean_backbone = dataclasses.replace(BACKBONE, pooling="mean")
+    with pytest.raises(
+        PoolingMismatch, match="trained with 'first' pooling, this backbone pools with 'mean'"
+    ):
+        load_memory(first, mean_backbone)
+    assert load_memory(first, dataclasses.replace(BACKBONE, pooling="first")).spec.pooling == "first"
+    assert load_memory(first, BACKBONE).spec.pooling == "first"  # pooling unknown: not checked

@@ -5,26 +5,32 @@ Tiny memories (2 layers of width 8) on a made-up backbone identity: no model is 
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import hashlib
+import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import save as save_safetensors
 
 from app.errors import (
     BackboneMismatch,
     InvalidTaskName,
     MemoryConflict,
     MemoryInvalid,
+    PoolingMismatch,
     TaskNotFound,
     TaskUnavailable,
 )
 from app.metrics import Metrics
 from app.registry.registry import Registry, check_replace, memory_nbytes
 from app.registry.store import LocalFolderStore, validate_task_name
-from app.spartan.memfile import BackboneIdentity, memory_to_bytes
+from app.spartan.memfile import BackboneIdentity, load_memory, memory_tensors, memory_to_bytes, spec_metadata
 from app.spartan.memory import MemorySpec, TaskMemory
 
 IDENTITY = BackboneIdentity(fingerprint="tiny-fp", num_layers=2, hidden_size=8, name="tiny")
@@ -49,6 +55,15 @@ def tiny_memory(
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def probe_outputs(memory: TaskMemory) -> torch.Tensor:
+    """The memory's layers and head on fixed hidden states: what serving computes with it."""
+    hidden = torch.randn(5, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for layer in memory.memory_layers():
+            hidden = hidden + layer(hidden).update
+        return memory.head(hidden)
 
 
 def store_files(folder: Path) -> list[str]:
@@ -110,15 +125,54 @@ def test_resolve_loads_once_then_serves_the_resident_memory(folder: Path) -> Non
     assert loads(registry) == 1
 
 
+class FastPathCounter(Registry):
+    """Notes each thread that found the task cold (resolve's lock-free fast path said None)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cold_seen: set[int] = set()
+        self.all_cold = threading.Event()
+        self.threads = 0
+
+    def resolve_loaded(self, task: str) -> TaskMemory | None:
+        memory = super().resolve_loaded(task)
+        if memory is None:
+            self.cold_seen.add(threading.get_ident())
+            if len(self.cold_seen) >= self.threads:
+                self.all_cold.set()
+        return memory
+
+
+class ReadAfter(LocalFolderStore):
+    """A store whose reads wait until `ready` is set: a slow store, deterministically."""
+
+    def __init__(self, root: Path, ready: threading.Event) -> None:
+        super().__init__(root)
+        self.ready = ready
+
+    def read(self, task: str) -> tuple[bytes, Any]:
+        assert self.ready.wait(timeout=30), "the threads never all found the task cold"
+        return super().read(task)
+
+
 def test_concurrent_resolves_of_a_cold_task_load_it_once(folder: Path) -> None:
+    # The race is forced: the first load's read waits until every thread has found the task cold,
+    # so all 8 are past the fast path and contend for the load (without the task lock: 8 loads).
     write(folder, "alpha", tiny_memory(1))
-    registry = make_registry(folder)
+    opened, ready = threading.Event(), threading.Event()
+    opened.set()
+    store = ReadAfter(folder, opened)
+    registry = FastPathCounter(store, IDENTITY, metrics=Metrics())
+    registry.refresh()  # registers the task (its header is read) without loading it
+    store.ready = registry.all_cold = ready
+    registry.threads = 8
     results: list[TaskMemory] = []
     threads = [threading.Thread(target=lambda: results.append(registry.resolve("alpha"))) for _ in range(8)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    assert len(results) == 8
     assert len({id(memory) for memory in results}) == 1
     assert loads(registry) == 1
 
@@ -175,9 +229,13 @@ def test_an_evicted_memory_still_serves_the_request_holding_it(folder: Path) -> 
     write(folder, "b", tiny_memory(2))
     registry = make_registry(folder, max_loaded=1)
     held = registry.resolve("a")
+    before = probe_outputs(held)
     registry.resolve("b")
     assert registry.resolve_loaded("a") is None
-    assert held.layers[0].parent_keys.shape == (4, 8)  # still a complete, usable memory
+    # Eviction only forgets the memory: the request holding it still computes exactly what the file
+    # holds (nothing was freed, zeroed or moved under it).
+    assert torch.equal(probe_outputs(held), before)
+    assert torch.equal(before, probe_outputs(load_memory(tiny_memory(1), IDENTITY)))
 
 
 def test_put_creates_then_refuses_to_overwrite_silently(folder: Path) -> None:
@@ -361,15 +419,34 @@ def test_store_ignores_temp_and_foreign_files(folder: Path) -> None:
     assert set(LocalFolderStore(folder).scan()) == {"alpha"}
 
 
-def test_store_write_is_atomic_and_stamps_change(folder: Path) -> None:
+def test_store_write_is_atomic_and_stamps_change(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = LocalFolderStore(folder)
     first = store.write("alpha", b"one")
-    second = store.write("alpha", b"two")
+    seen_mid_write: list[bytes] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:  # the new bytes are all written, not yet renamed into place
+        if not seen_mid_write:
+            seen_mid_write.append(store.read("alpha")[0])
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    second = store.write("alpha", b"two" * 1000)
+    assert seen_mid_write == [b"one"]  # a reader during the write sees the whole old file
     assert first.stamp != second.stamp
     data, stored = store.read("alpha")
-    assert data == b"two"
+    assert data == b"two" * 1000
     assert stored == second
-    assert store_files(folder) == ["alpha.safetensors"]
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="I/O error"):
+        store.write("alpha", b"three" * 1000)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert store.read("alpha") == (data, second)  # a write that fails midway leaves the old file whole
+    assert store_files(folder) == ["alpha.safetensors"]  # and no temp file
 
 
 def test_check_replace_rules() -> None:
@@ -381,3 +458,75 @@ def test_check_replace_rules() -> None:
         check_replace("t", "v1", False, None)
     with pytest.raises(MemoryConflict):
         check_replace("t", "v1", True, "v2")  # an explicit If-Match wins over replace
+
+
+def test_a_dropped_file_with_finite_but_huge_values_is_invalid_when_loaded(folder: Path) -> None:
+    memory = load_memory(tiny_memory(1), IDENTITY)
+    tensors = memory_tensors(memory)
+    tensors["head.out.weight"] = torch.full_like(
+        tensors["head.out.weight"], torch.finfo(torch.float32).max / 4
+    )
+    write(folder, "alpha", save_safetensors(tensors, metadata=spec_metadata(memory.spec)))
+    registry = make_registry(folder)
+    with pytest.raises(TaskUnavailable, match="non-finite outputs"):
+        registry.resolve("alpha")
+    info = registry.info("alpha")
+    assert info.status == "invalid"
+    assert "non-finite outputs" in (info.error or "")
+
+
+def test_pinned_tasks_over_the_byte_budget_all_stay_and_the_excess_is_logged(
+    folder: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    for index, name in enumerate("abcd"):
+        write(folder, name, tiny_memory(index))
+    one = memory_nbytes(load_memory(tiny_memory(0), IDENTITY))
+    registry = make_registry(folder, max_loaded_bytes=int(1.5 * one), pinned=["a", "b"])
+    with caplog.at_level("WARNING", logger="app.registry.registry"):
+        registry.load_pinned()
+    assert registry.loaded_bytes == 2 * one  # over the budget: pinned memories are never evicted
+    assert "capacity exceeded by pinned or in-use tasks" in caplog.text
+    registry.resolve("c")  # an unpinned task still serves (kept while it is the one just loaded)
+    registry.resolve("d")  # and is the one evicted for the next
+    resident = {name for name in "abcd" if registry.resolve_loaded(name) is not None}
+    assert resident == {"a", "b", "d"}
+    assert registry.loaded_bytes == 3 * one
+
+
+def test_the_poller_skips_a_task_whose_lock_is_held_and_catches_up_next_time(folder: Path) -> None:
+    v1, v2, v3, v4 = (tiny_memory(seed) for seed in (1, 2, 3, 4))
+    write(folder, "alpha", v1)
+    write(folder, "beta", v2)
+    registry = make_registry(folder)
+    registry.resolve("alpha")
+    write(folder, "alpha", v3)
+    write(folder, "beta", v4)
+    lock = registry._tasks["alpha"].lock  # as a slow load or upload of alpha holds it
+    lock.acquire()
+    try:
+        done = threading.Event()
+        poll = threading.Thread(target=lambda: (registry.refresh(), done.set()))
+        poll.start()
+        assert done.wait(timeout=10), "the poll waited for a task's lock instead of skipping it"
+        assert registry.resolve_loaded("alpha").version == sha(v1)  # skipped, still serving
+        assert registry.info("beta").version == sha(v4)  # the others were synced
+    finally:
+        lock.release()
+    poll.join()
+    registry.refresh()
+    assert registry.resolve_loaded("alpha").version == sha(v3)  # caught up
+
+
+def test_an_upload_trained_with_another_pooling_is_refused_with_422(folder: Path) -> None:
+    from app.api.errors import status_for
+
+    torch.manual_seed(0)
+    spec = MemorySpec(num_layers=2, hidden_size=8, num_parents=4, num_children=2, top_k=2,
+                      pooling="first", backbone_id="tiny", backbone_fingerprint="tiny-fp")  # fmt: skip
+    registry = Registry(
+        LocalFolderStore(folder), dataclasses.replace(IDENTITY, pooling="mean"), metrics=Metrics()
+    )
+    with pytest.raises(PoolingMismatch, match="'first' pooling, this backbone pools with 'mean'") as caught:
+        registry.put("alpha", memory_to_bytes(TaskMemory(spec)))
+    assert status_for(caught.value) == 422
+    assert not folder.exists() or store_files(folder) == []  # nothing was written

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import uuid
 from collections.abc import Iterator
@@ -10,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mounts import mounted, remount_read_only  # tests/ is on sys.path (rootdir conftest)
 
-from app.errors import StoreConflict, StoreUnavailable, TaskNotFound
+from app.errors import StoreConflict, StoreFull, StoreReadOnly, StoreUnavailable, TaskNotFound
+from app.registry.guard import GuardedStore
 from app.registry.s3store import S3Store
 from app.registry.store import ANY_VERSION, LocalFolderStore, MemoryStore, open_store
 from app.settings import Settings
@@ -113,7 +116,8 @@ def test_s3_settings_build_the_store_and_create_its_bucket(seaweed: Any) -> None
     settings = Settings(**{key.removeprefix("SPARTAN_").lower(): value
                            for key, value in seaweed.settings_env(bucket).items()})  # fmt: skip
     store = open_store(settings)
-    assert isinstance(store, S3Store)
+    assert isinstance(store, GuardedStore)
+    assert isinstance(store.inner, S3Store)
     assert bucket in store.location
     store.write("alpha", b"a", expected=None)
     assert set(seaweed.client().list_objects_v2(Bucket=bucket)["Contents"][0].values()) >= {
@@ -184,3 +188,70 @@ def test_two_registries_on_one_bucket_converge_and_refuse_a_lost_update(seaweed:
     b.refresh()
     with pytest.raises(TaskNotFound):
         b.resolve("alpha")
+
+
+# ------------------------------------------------------------------------ conditional delete (S3)
+
+
+class _WriteBeforeDelete:
+    """An S3 client that lets another writer replace the object between the store's check and its
+    DeleteObject (once): the race a conditional delete must lose."""
+
+    def __init__(self, client: Any, newer: bytes) -> None:
+        self._client, self._newer = client, newer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    def delete_object(self, **kwargs: Any) -> Any:
+        if self._newer:
+            self._client.put_object(Bucket=kwargs["Bucket"], Key=kwargs["Key"], Body=self._newer)
+            self._newer = b""
+        return self._client.delete_object(**kwargs)
+
+
+def test_an_s3_delete_never_removes_a_version_written_after_its_check(seaweed: Any) -> None:
+    prefix = new_prefix()
+    S3Store(seaweed.client(), seaweed.bucket, prefix).write("alpha", b"seen", expected=None)
+    store = S3Store(_WriteBeforeDelete(seaweed.client(), b"written meanwhile"), seaweed.bucket, prefix)
+    with pytest.raises(StoreConflict, match="after this delete checked it"):
+        store.delete("alpha")
+    assert store.read("alpha")[0] == b"written meanwhile"  # SeaweedFS honours If-Match on DeleteObject
+    assert store.delete("alpha") is True  # unraced, the current version goes
+    assert store.stat("alpha") is None
+
+
+# ------------------------------------------------------------------------ a full or read-only folder
+
+
+def test_a_full_store_refuses_a_write_with_store_full_and_leaves_nothing(tmp_path: Path) -> None:
+    with mounted(tmp_path / "memories", "size=64k") as folder:
+        store = LocalFolderStore(folder)
+        store.write("small", b"x" * 1000, expected=None)
+        with pytest.raises(StoreFull, match=r"no space left for task .big.*nothing was written"):
+            store.write("big", b"x" * 200_000, expected=None)
+        assert sorted(p.name for p in folder.iterdir()) == [LocalFolderStore.LOCK_NAME, "small.safetensors"]
+        assert store.read("small")[0] == b"x" * 1000
+
+
+def test_a_read_only_store_serves_and_refuses_writes_and_deletes_clearly(tmp_path: Path) -> None:
+    with mounted(tmp_path / "memories", "size=1m") as folder:
+        (folder / "alpha.safetensors").write_bytes(b"one")  # written before the volume turned read-only
+        remount_read_only(folder)
+        store = LocalFolderStore(folder)
+        assert store.recover() == 0  # at start: no lock file can be made, nothing to recover
+        assert set(store.scan()) == {"alpha"}
+        assert store.read("alpha")[0] == b"one"
+        with pytest.raises(StoreReadOnly, match=r"read-only.*cannot change task .beta."):
+            store.write("beta", b"two", expected=None)
+        with pytest.raises(StoreReadOnly, match="cannot change task 'alpha'"):
+            store.delete("alpha")
+        assert sorted(p.name for p in folder.iterdir()) == ["alpha.safetensors"]
+
+
+def test_the_lock_file_beside_the_memories_is_ignored_by_git(repo_root: Path) -> None:
+    if not (repo_root / ".git").exists():
+        pytest.skip("not a git checkout")
+    lock = f"memories/{LocalFolderStore.LOCK_NAME}"
+    done = subprocess.run(["git", "check-ignore", "-q", lock], cwd=repo_root, check=False)
+    assert done.returncode == 0, f"{lock} would show in `git status` after `make run`"
