@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -28,7 +30,9 @@ async def readyz(request: Request) -> JSONResponse:
         reasons.append(problem)
     # The store is shown, not a reason to be unready: resident tasks still serve while the shared
     # store is down, and every replica would leave the load balancer at once if it were.
-    store = None if svc is None else ("up" if svc.registry.store_up else "down")
+    store: Literal["up", "down"] | None = None
+    if svc is not None:
+        store = "up" if svc.registry.store_up else "down"
     health = Health(status="not_ready" if reasons else "ready", reasons=reasons, store=store)
     return JSONResponse(health.model_dump(), status_code=503 if reasons else 200)
 
