@@ -128,13 +128,13 @@ class Settings(BaseSettings):
         ge=1,
         description="Most rows waiting in the queue; a request that does not fit gets 429 with Retry-After.",
     )
-    max_queue_work_s: float = Field(
-        default=10.0,
+    max_queue_work_s: float | None = Field(
+        default=None,
         gt=0.0,
         description="Admission by cost: a request is refused at once (429 + Retry-After) when the work "
         "queued ahead of it plus its own, estimated from its characters (capped at the task's max_length "
-        "tokens) at the pace measured on recent batches, exceeds this many seconds. Keep it well below "
-        "request_timeout_s, so accepted requests finish within their deadline.",
+        "tokens) at the pace measured on recent batches, exceeds this many seconds. Unset = a third of "
+        "request_timeout_s, so accepted requests finish within their deadline; must be below it.",
     )
     request_timeout_s: float = Field(
         default=30.0, gt=0.0, description="Deadline of a prediction request, queueing included (then 504)."
@@ -237,10 +237,15 @@ class Settings(BaseSettings):
             raise ValueError("store = s3 needs s3_bucket (SPARTAN_S3_BUCKET)")
         return self
 
+    @property
+    def queue_work_budget_s(self) -> float:
+        """max_queue_work_s, or a third of the request deadline when unset."""
+        return self.max_queue_work_s if self.max_queue_work_s is not None else self.request_timeout_s / 3
+
     @model_validator(mode="after")
     def _queued_work_fits_deadline(self) -> Settings:
         # Work admitted beyond the deadline would be accepted only to time out.
-        if self.max_queue_work_s >= self.request_timeout_s:
+        if self.max_queue_work_s is not None and self.max_queue_work_s >= self.request_timeout_s:
             raise ValueError(
                 f"max_queue_work_s ({self.max_queue_work_s}) must be below request_timeout_s "
                 f"({self.request_timeout_s})"

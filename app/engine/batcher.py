@@ -159,7 +159,7 @@ class BatchingConfig:
             max_batch_size=settings.max_batch_size,
             max_wait_s=settings.max_wait_ms / 1000,
             max_queue_rows=settings.max_queue_rows,
-            max_queue_work_s=settings.max_queue_work_s,
+            max_queue_work_s=settings.queue_work_budget_s,
             request_timeout_s=settings.request_timeout_s,
             pass_overhead_tokens=settings.pass_overhead_tokens,
         )
