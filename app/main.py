@@ -21,6 +21,7 @@ from app.api import embeddings, health, predict, tasks, ui
 from app.api.deps import Services
 from app.api.errors import install_error_handlers
 from app.api.limits import BodyDeadline, DeclaredLengthLimit
+from app.api.uploads import UploadBudget
 from app.engine.backbone import load_backbone, resolve_precision
 from app.engine.batcher import Batcher, BatchingConfig
 from app.engine.embedder import Embedder
@@ -82,6 +83,7 @@ def create_app(settings: Settings | None = None, *, encoder: SpartanEncoder | No
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.services = None
+    app.state.upload_budget = UploadBudget(settings.max_upload_bytes_in_flight)
     install_error_handlers(app)
     routers = [
         predict.build_router(settings),

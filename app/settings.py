@@ -155,6 +155,13 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(
         default=64 * 1024 * 1024, ge=1024, description="Largest memory file accepted by upload, in bytes."
     )
+    max_upload_bytes_in_flight: int = Field(
+        default=128 * 1024 * 1024,
+        ge=1024,
+        description="Most bytes of uploads being read, validated and stored at once (each reserves its "
+        "declared size); an upload beyond it gets 429 with Retry-After before its body is read. One "
+        "upload always fits when none is in flight.",
+    )
     max_loaded_memories: int = Field(
         default=256, ge=1, description="LRU capacity: most task memories resident at once (pinned included)."
     )

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 
 from app.api.deps import (
     MULTIPART_SLACK_BYTES,
+    Services,
     ServicesDep,
     TaskName,
     read_memory_upload,
@@ -17,9 +18,10 @@ from app.api.deps import (
 )
 from app.api.errors import error_responses
 from app.api.schemas import ErrorBody, RoutingOut, TaskList, TaskOut
+from app.api.uploads import UploadBudget, declared_size
 from app.engine.routing_tally import RoutingSnapshot, RoutingTally
 from app.errors import RoutingStatsDisabled, TaskUnavailable
-from app.registry.registry import TaskInfo
+from app.registry.registry import PutResult, TaskInfo, release_freed_memory
 from app.settings import Settings
 
 
@@ -89,14 +91,26 @@ async def put_memory(
     atomically, then swapped in: requests already queued finish on the version they started with.
     201 when the task is new, 200 when replaced (needs `?replace=true` or a matching `If-Match`).
     """
-    data = await read_memory_upload(request, svc.settings.max_upload_bytes)
-    result = await asyncio.to_thread(
-        svc.registry.put, task, data, replace=replace, if_match=parse_if_match(if_match)
-    )
+    limit = svc.settings.max_upload_bytes
+    budget: UploadBudget = request.app.state.upload_budget
+    with budget.reserve(declared_size(request.headers.get("content-length"), limit)):
+        try:
+            result = await _read_and_put(request, svc, task, replace, parse_if_match(if_match))
+        finally:
+            # The body, the parsed tensors and their copies are garbage now: hand their pages back to
+            # the OS, so that a burst of uploads leaves the RSS where it was.
+            await asyncio.to_thread(release_freed_memory)
     response.status_code = 201 if result.created else 200
     response.headers["ETag"] = f'"{result.info.version}"'
     response.headers["Location"] = f"/v1/tasks/{task}"
     return TaskOut.of(result.info)
+
+
+async def _read_and_put(
+    request: Request, svc: Services, task: str, replace: bool, if_match: str | None
+) -> PutResult:
+    data = await read_memory_upload(request, svc.settings.max_upload_bytes)
+    return await asyncio.to_thread(svc.registry.put, task, data, replace=replace, if_match=if_match)
 
 
 async def delete_task(task: TaskName, svc: ServicesDep) -> Response:
@@ -165,7 +179,7 @@ def build_router(settings: Settings) -> APIRouter:
         status_code=201,
         responses={
             200: {"model": TaskOut, "description": "Replaced"},
-            **error_responses(401, 403, 409, 413, 422, 503, 507),
+            **error_responses(401, 403, 409, 413, 422, 429, 503, 507),
         },
         openapi_extra=_UPLOAD_BODY,
         max_body_size=settings.max_upload_bytes + MULTIPART_SLACK_BYTES,

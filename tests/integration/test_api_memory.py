@@ -331,3 +331,41 @@ def test_probes_and_metrics(memory_file: Any, settings_for: Any, serve: Any, wri
         "spartan_batch_failures_total",
     ]:
         assert series in text, series
+
+
+def test_uploads_beyond_the_bytes_in_flight_get_429_and_the_budget_frees(
+    memory_file: Any, settings_for: Any, serve: Any
+) -> None:
+    """An upload still streaming its body holds its reservation; the next one that would exceed the
+    budget is refused at once (429 + Retry-After, nothing read); once the first is done, uploads fit."""
+    data = memory_file(seed=11)
+    settings = settings_for(max_upload_bytes_in_flight=int(1.5 * len(data)))
+    release = asyncio.Event()
+    first_chunk_sent = asyncio.Event()
+
+    async def slow_body() -> AsyncIterator[bytes]:
+        yield data[:1024]
+        first_chunk_sent.set()
+        await release.wait()
+        yield data[1024:]
+
+    async def scenario() -> tuple[httpx.Response, httpx.Response, httpx.Response]:
+        async with serve(settings) as (_, client):
+            headers = {"content-length": str(len(data))}
+            first = asyncio.ensure_future(
+                client.put("/v1/tasks/first/memory", content=slow_body(), headers=headers)
+            )
+            await asyncio.wait_for(first_chunk_sent.wait(), 30)
+            refused = await client.put("/v1/tasks/second/memory", content=data)
+            release.set()
+            done = await first
+            after = await client.put("/v1/tasks/second/memory", content=data)
+            return refused, done, after
+
+    refused, done, after = asyncio.run(scenario())
+    assert refused.status_code == 429, refused.text
+    assert refused.json()["error"]["type"] == "overloaded"
+    assert "IN_FLIGHT" in refused.json()["error"]["message"]
+    assert int(refused.headers["retry-after"]) >= 1
+    assert done.status_code == 201, done.text
+    assert after.status_code == 201, after.text
