@@ -17,7 +17,7 @@ from typing import Protocol
 from app.engine.batcher import Batcher, RequestResult
 from app.engine.inputs import InputLimits, TextInput, check_fits_task, check_limits
 from app.engine.runner import ParentCounts
-from app.errors import outcome_of
+from app.errors import RequestTimeout, outcome_of
 from app.metrics import UNKNOWN_TASK, Metrics
 from app.spartan.memory import MemorySpec, Pooling, TaskMemory, TaskType
 
@@ -98,7 +98,7 @@ class Predictor:
         outcome = "ok"
         try:
             check_limits(inputs, self.limits)
-            memory = await self._memory(task)
+            memory = await self._memory(task, self.batcher.config.request_timeout_s)
             check_fits_task(task, memory.spec, inputs)
             result = await self.batcher.submit(task, memory, inputs, record_routing=routing)
         except BaseException as err:
@@ -119,12 +119,21 @@ class Predictor:
             predictions=interpret(spec, result, all_scores=all_scores),
         )
 
-    async def _memory(self, task: str) -> TaskMemory:
+    async def _memory(self, task: str, timeout_s: float) -> TaskMemory:
         memory = self.resolver.resolve_loaded(task)
         if memory is not None:
             return memory
-        # A cold task is read and validated from the store: off the event loop.
-        return await asyncio.get_running_loop().run_in_executor(self._loader, self.resolver.resolve, task)
+        # A cold task is read and validated from the store: off the event loop, and within the
+        # request's deadline (a slow store must not hold the request past it; the load itself goes on
+        # and serves the next request).
+        load = asyncio.get_running_loop().run_in_executor(self._loader, self.resolver.resolve, task)
+        try:
+            return await asyncio.wait_for(load, timeout_s)
+        except TimeoutError:
+            raise RequestTimeout(
+                f"task {task!r}: its memory did not load within {timeout_s:g}s (the store is slow); "
+                "retry later"
+            ) from None
 
     def _account(self, task: str, memory: TaskMemory | None, outcome: str, seconds: float) -> None:
         # Requests for tasks that never resolved share one label: clients cannot grow the label set.
