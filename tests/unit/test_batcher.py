@@ -360,3 +360,40 @@ def test_estimated_tokens_counts_characters_capped_at_max_length() -> None:
     assert estimated_tokens(inputs("a" * 40_000), max_length=128) == 128
     assert estimated_tokens([("a" * 20, "b" * 20)], max_length=16) == 13
     assert estimated_tokens([("a" * 20, "b" * 20)], max_length=12) == 12
+
+
+def test_a_worker_stuck_on_one_batch_is_reported_by_health() -> None:
+    runner = FakeRunner(hold=True)
+    batcher, _ = make_batcher(runner, stall_after_s=0.2)
+    memory = tiny_task(1)
+    try:
+        held = batcher.enqueue("a", memory, inputs("x"))
+        assert runner.entered.wait(5)
+        assert batcher.health() is None  # busy, not yet stuck
+        time.sleep(0.3)  # past stall_after_s with the same batch still running
+        problem = batcher.health()
+        assert problem is not None
+        assert "stuck" in problem
+        runner.release()
+        assert held.future.result(5).rows[0].outputs[0] == 1
+        assert batcher.health() is None
+    finally:
+        runner.release()
+        batcher.stop()
+
+
+def test_a_request_that_expires_while_queued_is_refused_not_run() -> None:
+    runner = FakeRunner(hold=True)
+    batcher, _ = make_batcher(runner, request_timeout_s=0.2, max_wait_s=0.0)
+    memory = tiny_task(1)
+    try:
+        batcher.enqueue("a", memory, inputs("hold"))
+        assert runner.entered.wait(5)
+        expired = batcher.enqueue("a", memory, inputs("too late"))
+        time.sleep(0.3)  # its deadline passes while the held batch runs
+        runner.release()
+        with pytest.raises(RequestTimeout, match="expired in the queue"):
+            expired.future.result(5)
+    finally:
+        batcher.stop()
+    assert ["too late"] not in runner.seen  # it never reached a forward pass
