@@ -242,3 +242,39 @@ def test_openapi_documents_the_api_with_examples(settings_for: Any, serve: Any) 
     assert {"201", "200", "409", "413", "422"} <= set(upload["responses"])
     assert schema["components"]["schemas"]["PredictRequest"]["examples"]
     assert "429" in paths["/v1/tasks/{task}/predict"]["post"]["responses"]
+
+
+@pytest.mark.model
+def test_a_pair_task_served_equals_the_eval_path(
+    minilm_encoder: Any, make_memory: Any, settings_for: Any, serve: Any, write_memory: Any
+) -> None:
+    """Text pairs (and a single text, whose pair is empty as in training) through the API score
+    exactly as the training/eval path scores them."""
+    from app.spartan.memfile import load_memory, memory_to_bytes
+    from app.training.datasets import Example
+    from app.training.trainer import predict_outputs
+
+    data = memory_to_bytes(make_memory(seed=12, text_pairs=True, labels=("same", "different")))
+    memory = load_memory(data, minilm_encoder.identity())
+    examples = [
+        Example("how do I reset my pin?", "same", "I forgot my card's pin"),
+        Example("what is the weather tomorrow", "different", "book a table for two"),
+        Example("transfer money to my savings", "same", "move funds between my accounts"),
+        Example("a single text, no pair", "same", None),
+    ]
+    expected = torch.softmax(predict_outputs(minilm_encoder, memory, examples), dim=-1)
+    settings = settings_for()
+    write_memory(settings, "pairs", data)
+
+    async def scenario() -> list[dict[str, Any]]:
+        async with serve(settings) as (_, client):
+            inputs = [[ex.text, ex.text_pair] if ex.text_pair else ex.text for ex in examples]
+            body = {"inputs": inputs, "return_all_scores": True}
+            response = await client.post("/v1/tasks/pairs/predict", json=body)
+            assert response.status_code == 200, response.text
+            return response.json()["predictions"]
+
+    predictions = asyncio.run(scenario())
+    served = torch.tensor([[p["scores"][label] for label in memory.spec.labels] for p in predictions])
+    assert_f32_close(served, expected)
+    assert (served[0] - served[1]).abs().max() > 1e-3  # the pair changes the answer: pairs were read
