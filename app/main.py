@@ -31,8 +31,8 @@ from app.engine.predictor import Predictor
 from app.engine.routing_tally import RoutingTally
 from app.engine.runner import EncoderRunner
 from app.metrics import Metrics, package_version
+from app.registry.factory import open_store
 from app.registry.registry import Registry
-from app.registry.store import open_store
 from app.settings import Settings
 
 log = logging.getLogger(__name__)

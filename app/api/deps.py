@@ -20,8 +20,8 @@ from app.engine.predictor import Predictor
 from app.engine.routing_tally import RoutingTally
 from app.errors import AuthenticationRequired, MemoryInvalid, NotReady, PayloadTooLarge, WritesDisabled
 from app.metrics import Metrics
+from app.registry.names import TASK_NAME_PATTERN, validate_task_name
 from app.registry.registry import Registry
-from app.registry.store import TASK_NAME_PATTERN, validate_task_name
 from app.settings import Settings
 
 # Room for multipart boundaries and part headers around the memory file itself.

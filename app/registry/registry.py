@@ -40,7 +40,8 @@ from app.errors import (
 )
 from app.metrics import Metrics
 from app.registry.guard import GuardedStore
-from app.registry.store import MemoryStore, StoredFile, validate_task_name
+from app.registry.names import validate_task_name
+from app.registry.store import MemoryStore, StoredFile
 from app.spartan.memfile import (
     BackboneIdentity,
     check_backbone,

@@ -17,14 +17,8 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from app.errors import StoreUnavailable, TaskNotFound
-from app.registry.store import (
-    ANY_VERSION,
-    MEMORY_SUFFIX,
-    TASK_NAME_RE,
-    StoredFile,
-    conflict,
-    validate_task_name,
-)
+from app.registry.names import TASK_NAME_RE, validate_task_name
+from app.registry.store import ANY_VERSION, MEMORY_SUFFIX, StoredFile, conflict
 
 if TYPE_CHECKING:
     from app.settings import Settings

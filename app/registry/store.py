@@ -1,9 +1,9 @@
-"""Where task memory files live: a small interface, the local-folder store and the store factory.
+"""Where task memory files live: a small interface and the local-folder store.
 
 The registry only talks to `MemoryStore`; the S3-compatible store lives in s3store.py (boto3 is only
-imported when it is used). A task's file is `<task>.safetensors`. Task names are checked here, once,
-for every store: a name can never carry a path (no separators, no dots, no leading dash), so it cannot
-escape the store.
+imported when it is used), and factory.py picks one from the settings. A task's file is
+`<task>.safetensors`. Every store checks task names with the one rule of names.py: a name can never
+carry a path (no separators, no dots, no leading dash), so it cannot escape the store.
 
 Writes are compare-and-swap: the writer says which version of the file it checked (its stamp, or that
 there was none), and the store refuses the write with StoreConflict if the file changed meanwhile. This
@@ -15,36 +15,19 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import Final, Protocol
 
-from app.errors import InvalidTaskName, SpartanError, StoreConflict, StoreFull, StoreReadOnly, TaskNotFound
-from app.spartan.memfile import fsync_folder, write_atomically
-
-if TYPE_CHECKING:
-    from app.settings import Settings
+from app.errors import SpartanError, StoreConflict, StoreFull, StoreReadOnly, TaskNotFound
+from app.fsutil import fsync_folder, write_atomically
+from app.registry.names import TASK_NAME_RE, validate_task_name
 
 MEMORY_SUFFIX = ".safetensors"
 # `expected` of an unconditional write (tools, tests); the service always says what it checked.
 ANY_VERSION: Final = "*"
-MAX_TASK_NAME = 64
-TASK_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
-TASK_NAME_PATTERN = f"^{TASK_NAME_RE.pattern}$"  # for the OpenAPI schema
-
-
-def validate_task_name(name: str) -> str:
-    """The name itself if it is allowed; InvalidTaskName (with the rule) otherwise."""
-    if not TASK_NAME_RE.fullmatch(name):
-        shown = name if len(name) <= MAX_TASK_NAME else name[:MAX_TASK_NAME] + "..."
-        raise InvalidTaskName(
-            f"invalid task name {shown!r}: use 1 to {MAX_TASK_NAME} letters, digits, '_' or '-', "
-            "starting with a letter or digit"
-        )
-    return name
 
 
 @dataclass(frozen=True)
@@ -230,18 +213,3 @@ class LocalFolderStore:
 def _stored(task: str, st: os.stat_result) -> StoredFile:
     # The inode changes on every atomic replace, so a rename within the same nanosecond is still seen.
     return StoredFile(task, st.st_size, f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}")
-
-
-def open_store(settings: Settings) -> MemoryStore:
-    """The store the settings name, the local folder (default) or an S3-compatible bucket, with every
-    call bounded by `store_timeout_s` (app/registry/guard.py)."""
-    from app.registry.guard import GuardedStore
-
-    store: MemoryStore
-    if settings.store == "s3":
-        from app.registry.s3store import S3Store  # boto3 is imported only where it is used
-
-        store = S3Store.from_settings(settings)
-    else:
-        store = LocalFolderStore(settings.memory_dir)
-    return GuardedStore(store, settings.store_timeout_s)

@@ -12,11 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import reprlib
 import struct
-import tempfile
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from app.errors import BackboneMismatch, MemoryInvalid, PoolingMismatch
+from app.fsutil import write_atomically
 from app.spartan.layer import memory_forward
 from app.spartan.memory import LayerNormOverride, MemorySpec, Pooling, TaskMemory, layernorm_key
 
@@ -161,30 +160,6 @@ def save_memory(memory: TaskMemory, path: Path) -> str:
     data = memory_to_bytes(memory)
     write_atomically(path, data)
     return hashlib.sha256(data).hexdigest()
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_folder(path.parent)
-
-
-def fsync_folder(folder: Path) -> None:
-    """Make a rename or unlink in `folder` durable: without it a power cut can undo the rename."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------- reading

@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 from app.metrics import Metrics
+from app.registry.factory import open_store
 from app.registry.registry import Registry
-from app.registry.store import open_store
 from app.settings import Settings
 from app.spartan.memfile import BackboneIdentity, parse_spec, read_header
 

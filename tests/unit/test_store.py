@@ -14,9 +14,10 @@ import pytest
 from mounts import mounted, remount_read_only  # tests/ is on sys.path (rootdir conftest)
 
 from app.errors import StoreConflict, StoreFull, StoreReadOnly, StoreUnavailable, TaskNotFound
+from app.registry.factory import open_store
 from app.registry.guard import GuardedStore
 from app.registry.s3store import S3Store
-from app.registry.store import ANY_VERSION, LocalFolderStore, MemoryStore, open_store
+from app.registry.store import ANY_VERSION, LocalFolderStore, MemoryStore
 from app.settings import Settings
 
 
