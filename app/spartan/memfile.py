@@ -673,10 +673,13 @@ def _probe_finite(values: torch.Tensor, where: str, tensors: dict[str, torch.Ten
 
 
 def build_memory(spec: MemorySpec, tensors: dict[str, torch.Tensor]) -> TaskMemory:
-    memory = TaskMemory(spec)
-    for name in spec.layernorm_names:
-        empty = torch.empty(spec.hidden_size)
-        memory.layernorms[layernorm_key(name)] = LayerNormOverride(empty, empty)
+    """The memory of a file's tensors: its modules are made on the meta device (no random init, no
+    allocation) and the file's tensors are assigned as their parameters (no copy)."""
+    with torch.device("meta"):
+        memory = TaskMemory(spec)
+        for name in spec.layernorm_names:
+            empty = torch.empty(spec.hidden_size)
+            memory.layernorms[layernorm_key(name)] = LayerNormOverride(empty, empty)
     state = {}
     for name, tensor in tensors.items():
         if name.startswith("layernorm."):
@@ -684,7 +687,7 @@ def build_memory(spec: MemorySpec, tensors: dict[str, torch.Tensor]) -> TaskMemo
             state[f"layernorms.{layernorm_key(module)}.{param}"] = tensor
         else:
             state[name] = tensor
-    memory.load_state_dict(state, strict=True)
+    memory.load_state_dict(state, strict=True, assign=True)
     memory.eval()
     memory.requires_grad_(False)
     return memory

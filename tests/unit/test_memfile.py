@@ -47,6 +47,17 @@ def test_round_trip_keeps_every_tensor_and_the_spec(tmp_path):
     assert list(tmp_path.iterdir()) == [tmp_path / "task.safetensors"]  # no temp file left behind
 
 
+def test_loading_builds_no_random_memory_first():
+    """A load assigns the file's tensors to modules made on the meta device: no random init runs (it
+    would draw from the global generator), and the parameters are real tensors on the CPU."""
+    data = memory_to_bytes(make_memory())
+    before = torch.random.get_rng_state()
+    loaded = load_memory(data, BACKBONE)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert all(p.device.type == "cpu" for p in loaded.parameters())
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+
+
 def test_regression_memory_has_one_output():
     memory = make_memory(task_type="regression", labels=())
     loaded = load_memory(memory_to_bytes(memory), BACKBONE)
