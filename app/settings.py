@@ -68,12 +68,13 @@ class Settings(BaseSettings):
         description="Connect and read timeout of one S3 request, in seconds (boto3 tries a call at most "
         "twice); store_timeout_s bounds the whole call.",
     )
-    store_timeout_s: float = Field(
-        default=5.0,
+    store_timeout_s: float | None = Field(
+        default=None,
         gt=0.0,
         description="Longest wait for one memory store call (listing, stat, read, write, delete); then "
         "503 and the store counts as down (spartan_store_up 0, /readyz `store: down`) until a call "
-        "answers. Below request_timeout_s, so a hung store cannot hold a request past its deadline.",
+        "answers. Unset = 5 s, or a third of request_timeout_s if that is less; must be below "
+        "request_timeout_s, so a hung store cannot hold a request past its deadline.",
     )
     precision: Literal["auto", "bf16", "fp32"] = Field(
         default="auto",
@@ -245,6 +246,13 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def store_call_timeout_s(self) -> float:
+        """store_timeout_s, or 5 s (a third of the request deadline if that is less) when unset."""
+        return (
+            self.store_timeout_s if self.store_timeout_s is not None else min(5.0, self.request_timeout_s / 3)
+        )
+
+    @property
     def queue_work_budget_s(self) -> float:
         """max_queue_work_s, or a third of the request deadline when unset."""
         return self.max_queue_work_s if self.max_queue_work_s is not None else self.request_timeout_s / 3
@@ -261,7 +269,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _store_answers_within_a_request(self) -> Settings:
-        if self.store_timeout_s >= self.request_timeout_s:
+        if self.store_timeout_s is not None and self.store_timeout_s >= self.request_timeout_s:
             raise ValueError(
                 f"store_timeout_s ({self.store_timeout_s}) must be below request_timeout_s "
                 f"({self.request_timeout_s}): a hung store would hold requests past their deadline"

@@ -18,4 +18,4 @@ def open_store(settings: Settings) -> MemoryStore:
         store = S3Store.from_settings(settings)
     else:
         store = LocalFolderStore(settings.memory_dir)
-    return GuardedStore(store, settings.store_timeout_s)
+    return GuardedStore(store, settings.store_call_timeout_s)
