@@ -418,6 +418,8 @@ def serve(
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request at INFO: noise in the remote commands' output (tables, JSON lines).
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         cli()
     except KeyboardInterrupt:
