@@ -96,6 +96,30 @@ class Overloaded(SpartanError):
         self.retry_after = retry_after
 
 
+class TrainingDataInvalid(SpartanError):
+    """Training data sent with a job cannot train a memory: a malformed body, or a row without a label,
+    with an empty or over-long text, one class only, too many classes or rows. `details` names the
+    split, row (and line, for files) and a reason code, so a client can point at it."""
+
+    def __init__(self, message: str, **detail: object) -> None:
+        super().__init__(message)
+        self.details = [detail] if detail else None
+
+
+class JobNotFound(SpartanError):
+    """No training job has this id (or the id is not one the service could have made)."""
+
+    outcome = "not_found"
+
+
+class JobQueueFull(Overloaded):
+    """This replica already holds as many training jobs as it queues (SPARTAN_MAX_QUEUED_JOBS)."""
+
+
+class JobFinished(SpartanError):
+    """A training job that has already finished (succeeded, failed or cancelled) cannot be cancelled."""
+
+
 class BodyTimeout(SpartanError):
     """The client did not send its whole request body within the deadline (a slow or stalled client)."""
 

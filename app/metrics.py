@@ -20,6 +20,9 @@ UNKNOWN_TASK = "unknown"
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 _LOAD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# A training job: seconds (a few hundred examples on the tiny backbone) to an hour (thousands on MPNet).
+_JOB_BUCKETS = (1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+_RATE_BUCKETS = (1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0)
 
 
 class TaskLabels:
@@ -165,6 +168,35 @@ class Metrics:
         self.store_call_timeouts = Counter(
             "spartan_store_call_timeouts",
             "Memory store calls given up after SPARTAN_STORE_TIMEOUT_S without an answer.",
+            registry=r,
+        )
+        self.training_jobs = Gauge(
+            "spartan_training_jobs",
+            "Training jobs this replica holds, by state (queued, running).",
+            ["state"],
+            registry=r,
+        )
+        for state in ("queued", "running"):
+            self.training_jobs.labels(state).set(0)
+        self.training_jobs_finished = Counter(
+            "spartan_training_jobs_finished",
+            "Training jobs this replica finished, by final state (succeeded, failed, cancelled).",
+            ["state"],
+            registry=r,
+        )
+        self.training_job_duration = Histogram(
+            "spartan_training_job_duration_seconds",
+            "Wall time of a training job from its start to its end (process, training, install), by "
+            "final state.",
+            ["state"],
+            buckets=_JOB_BUCKETS,
+            registry=r,
+        )
+        self.training_examples_per_second = Histogram(
+            "spartan_training_examples_per_second",
+            "Training examples a succeeded job processed per second of its training (epochs x examples "
+            "/ training time, dev scoring included).",
+            buckets=_RATE_BUCKETS,
             registry=r,
         )
         self.build_info = Info(

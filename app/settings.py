@@ -5,6 +5,7 @@ Deep modules never read the environment: they receive the values they need as ar
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Literal
 
@@ -228,6 +229,59 @@ class Settings(BaseSettings):
         description="Metrics: the first N tasks seen get their own `task` label, later ones share 'other'.",
     )
 
+    # ------------------------------------------------------------------------------- training jobs
+    training_threads: int = Field(
+        default=1,
+        ge=1,
+        description="torch threads of a training job's own process (set at that process's start; the "
+        "serving process's threads never change). 1 on a 2-core machine leaves a core to serving.",
+    )
+    training_nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="Niceness a training job's process adds to itself: the serving process's threads "
+        "get the CPU first when both want it (0 = the same priority).",
+    )
+    max_running_jobs: int = Field(
+        default=1,
+        ge=1,
+        le=16,
+        description="Training jobs that run at once on a replica, each its own process.",
+    )
+    max_queued_jobs: int = Field(
+        default=4,
+        ge=0,
+        description="Training jobs that wait on a replica for a free slot; one more gets 429 with "
+        "Retry-After (job_queue_full).",
+    )
+    max_training_rows: int = Field(
+        default=20_000,
+        ge=2,
+        description="Most rows of training data in one job, all splits together (422 beyond).",
+    )
+    max_training_labels: int = Field(
+        default=1_000, ge=2, description="Most distinct classes in one job's training data (422 beyond)."
+    )
+    max_training_bytes: int = Field(
+        default=32 * 1024 * 1024,
+        ge=1024,
+        description="Largest body of a training-job submission, in bytes (413 beyond).",
+    )
+    max_job_records: int = Field(
+        default=200,
+        ge=1,
+        description="Finished training-job records kept in the store; older finished ones are deleted "
+        "when a job finishes (queued and running ones are always kept).",
+    )
+    replica_name: str | None = Field(
+        default=None,
+        max_length=200,
+        description="This replica's name in training-job records: the one that runs a job, and whose "
+        "restart marks its unfinished jobs failed. Unset = <hostname>:<port>; give each replica that "
+        "shares a store and a host name its own.",
+    )
+
     @model_validator(mode="after")
     def _keys_are_not_guessable(self) -> Settings:
         # An empty key (an unfilled secret) or a short one would protect nothing; refuse to start.
@@ -285,3 +339,8 @@ class Settings(BaseSettings):
                 f"({self.max_queue_rows})"
             )
         return self
+
+    @property
+    def replica(self) -> str:
+        """replica_name, or <hostname>:<port> when unset (a restart of the same replica keeps both)."""
+        return self.replica_name or f"{socket.gethostname()}:{self.port}"

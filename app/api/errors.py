@@ -28,6 +28,9 @@ from app.errors import (
     InferenceFailed,
     InvalidInput,
     InvalidTaskName,
+    JobFinished,
+    JobNotFound,
+    JobQueueFull,
     MemoryConflict,
     MemoryInvalid,
     NotReady,
@@ -44,6 +47,7 @@ from app.errors import (
     StoreUnavailable,
     TaskNotFound,
     TaskUnavailable,
+    TrainingDataInvalid,
     WritesDisabled,
 )
 
@@ -60,6 +64,10 @@ ERROR_STATUS: dict[type[SpartanError], int] = {
     StoreConflict: 409,
     TaskNotFound: 404,
     RoutingStatsDisabled: 404,
+    TrainingDataInvalid: 422,
+    JobNotFound: 404,
+    JobFinished: 409,  # nothing left to cancel
+    JobQueueFull: 429,
     PayloadTooLarge: 413,
     BodyTimeout: 408,
     HeadersTooLarge: 431,
@@ -90,12 +98,15 @@ _HTTP_TYPES = {
 _STATUS_MEANING = {
     401: "Missing or wrong Bearer key",
     403: "Writes are disabled (no admin key configured)",
-    404: "Unknown task",
+    404: "Unknown task (or training job)",
     408: "The request body did not arrive within SPARTAN_BODY_TIMEOUT_S",
-    409: "Conflict: the task exists (replace not asked for, or If-Match differs), or another backbone",
+    409: "Conflict: the task exists (replace not asked for, or If-Match differs), or another backbone; "
+    "a training job that has finished cannot be cancelled",
     413: "Too large",
-    422: "Invalid request, task name or memory file (the message says exactly what)",
-    429: "Queue full: retry after the Retry-After header's seconds",
+    422: "Invalid request, task name, memory file or training data (the message says exactly what, "
+    "`details` where: split, row, line, reason)",
+    429: "Queue full (requests, uploads in flight, or training jobs): retry after the Retry-After "
+    "header's seconds",
     503: "Not ready, the task's stored file cannot be served, or the memory store is unreachable, "
     "did not answer in time, or is read-only (writes)",
     504: "The request outlived its deadline",
@@ -144,7 +155,8 @@ async def _domain_error(request: Request, error: Exception) -> JSONResponse:
     status = status_for(error)
     if status >= 500:
         log.warning("%s %s -> %d: %s", request.method, request.url.path, status, error)
-    return error_response(status, error_type(error), str(error), headers=_headers_for(error))
+    details = getattr(error, "details", None)  # where a domain error says where (TrainingDataInvalid)
+    return error_response(status, error_type(error), str(error), details, headers=_headers_for(error))
 
 
 async def _validation_error(request: Request, error: Exception) -> JSONResponse:

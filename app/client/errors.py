@@ -89,6 +89,18 @@ class ServerBusy(ServiceError): ...  # 503: as many requests in flight as the se
 class Overloaded(ServiceError): ...  # 429, with Retry-After
 
 
+class JobQueueFull(Overloaded): ...  # 429: the replica holds as many training jobs as it takes
+
+
+class TrainingDataInvalid(ServiceError): ...  # 422: a row of a training job's data (details: where)
+
+
+class JobNotFound(ServiceError): ...  # 404: no such training job
+
+
+class JobFinished(ServiceError): ...  # 409: the training job has ended: nothing to cancel
+
+
 class AuthenticationRequired(ServiceError): ...  # 401: missing or wrong Bearer key
 
 
@@ -150,7 +162,8 @@ ERROR_TYPES: dict[str, type[ServiceError]] = {
         TaskNotFound, RoutingStatsDisabled, PayloadTooLarge, BodyTimeout, HeadersTooLarge, ServerBusy,
         Overloaded, AuthenticationRequired, WritesDisabled, NotReady, TaskUnavailable, StoreUnavailable,
         PoolingMismatch, StoreFull, StoreReadOnly, RequestTimeout, InferenceFailed, NonFiniteOutput,
-        BackboneError, AssetError, InvalidRequest,
+        BackboneError, AssetError, JobQueueFull, TrainingDataInvalid, JobNotFound, JobFinished,
+        InvalidRequest,
         NotFound, MethodNotAllowed, UnsupportedMediaType, HttpError, InternalError,
     )
 }  # fmt: skip

@@ -33,6 +33,43 @@ def _code(err: ClientError) -> str:
     return str(err.response.get("Error", {}).get("Code", ""))
 
 
+def s3_client(settings: Settings) -> Any:
+    """A boto3 S3 client of the settings' endpoint, region and keys, with short bounded timeouts."""
+    return boto3.client(
+        "s3",
+        endpoint_url=settings.s3_endpoint_url,
+        region_name=settings.s3_region,
+        aws_access_key_id=_secret(settings.s3_access_key_id),
+        aws_secret_access_key=_secret(settings.s3_secret_access_key),
+        config=Config(
+            connect_timeout=settings.s3_timeout_s,
+            read_timeout=settings.s3_timeout_s,
+            # At most 2 attempts of s3_timeout_s each: a hung server frees the calling thread
+            # in seconds (GuardedStore gives up on the call after store_timeout_s anyway).
+            retries={"total_max_attempts": 2, "mode": "standard"},
+            # Path-style URLs work with every S3-compatible server; virtual hosts need DNS per bucket.
+            s3={"addressing_style": "path"},
+        ),
+    )
+
+
+def s3_call(action: Callable[[], T]) -> T:
+    """Run one S3 call, turning its failures into the domain's errors (no endpoint or key leaks):
+    S3Missing for an absent object or bucket, S3PreconditionFailed for a refused conditional write,
+    StoreUnavailable for the rest."""
+    try:
+        return action()
+    except ClientError as err:
+        code = _code(err)
+        if code in _MISSING:
+            raise S3Missing from None
+        if code in _PRECONDITION:
+            raise S3PreconditionFailed from None
+        raise StoreUnavailable(f"the memory store refused the call ({code or 'unknown error'})") from err
+    except BotoCoreError as err:
+        raise StoreUnavailable(f"the memory store cannot be reached ({type(err).__name__})") from err
+
+
 class S3Store:
     """The `MemoryStore` over one bucket and key prefix."""
 
@@ -45,22 +82,7 @@ class S3Store:
     @classmethod
     def from_settings(cls, settings: Settings) -> S3Store:
         assert settings.s3_bucket is not None  # the settings validator requires it for store = s3
-        client = boto3.client(
-            "s3",
-            endpoint_url=settings.s3_endpoint_url,
-            region_name=settings.s3_region,
-            aws_access_key_id=_secret(settings.s3_access_key_id),
-            aws_secret_access_key=_secret(settings.s3_secret_access_key),
-            config=Config(
-                connect_timeout=settings.s3_timeout_s,
-                read_timeout=settings.s3_timeout_s,
-                # At most 2 attempts of s3_timeout_s each: a hung server frees the calling thread
-                # in seconds (GuardedStore gives up on the call after store_timeout_s anyway).
-                retries={"total_max_attempts": 2, "mode": "standard"},
-                # Path-style URLs work with every S3-compatible server; virtual hosts need DNS per bucket.
-                s3={"addressing_style": "path"},
-            ),
-        )
+        client = s3_client(settings)
         store = cls(client, settings.s3_bucket, settings.s3_prefix, endpoint=settings.s3_endpoint_url)
         if settings.s3_create_bucket:
             store.create_bucket()
@@ -94,7 +116,7 @@ class S3Store:
         key = self.key(task)
         try:
             head = self._call(lambda: self.client.head_object(Bucket=self.bucket, Key=key))
-        except _Missing:
+        except S3Missing:
             return None
         return StoredFile(task, int(head["ContentLength"]), str(head["ETag"]))
 
@@ -108,7 +130,7 @@ class S3Store:
 
         try:
             data, etag = self._call(get)
-        except _Missing:
+        except S3Missing:
             raise TaskNotFound(f"task {task!r} is not in the memory store") from None
         return data, StoredFile(task, len(data), etag)
 
@@ -129,7 +151,7 @@ class S3Store:
                     **condition,
                 )
             )
-        except _Precondition:
+        except S3PreconditionFailed:
             raise conflict(task, expected) from None
         return StoredFile(task, len(data), str(response["ETag"]))
 
@@ -142,7 +164,7 @@ class S3Store:
         key = self.key(task)
         try:
             self._call(lambda: self.client.delete_object(Bucket=self.bucket, Key=key, IfMatch=current.stamp))
-        except _Precondition:
+        except S3PreconditionFailed:
             if self.stat(task) is None:
                 return False  # another writer deleted it first: the outcome asked for
             raise conflict(task, current.stamp, "delete") from None
@@ -158,7 +180,7 @@ class S3Store:
         try:
             self._call(lambda: self.client.head_bucket(Bucket=self.bucket))
             return
-        except _Missing:
+        except S3Missing:
             pass
         try:
             self._call(lambda: self.client.create_bucket(Bucket=self.bucket))
@@ -167,26 +189,15 @@ class S3Store:
                 raise
 
     def _call(self, action: Callable[[], T]) -> T:
-        """Run one S3 call, turning its failures into the domain's errors (no endpoint or key leaks)."""
-        try:
-            return action()
-        except ClientError as err:
-            code = _code(err)
-            if code in _MISSING:
-                raise _Missing from None
-            if code in _PRECONDITION:
-                raise _Precondition from None
-            raise StoreUnavailable(f"the memory store refused the call ({code or 'unknown error'})") from err
-        except BotoCoreError as err:
-            raise StoreUnavailable(f"the memory store cannot be reached ({type(err).__name__})") from err
+        return s3_call(action)
 
 
-class _Missing(Exception):
-    """The object (or bucket) does not exist (internal: each caller says what that means)."""
+class S3Missing(Exception):
+    """The object (or bucket) does not exist (each caller says what that means)."""
 
 
-class _Precondition(Exception):
-    """The store refused a conditional write (internal: turned into StoreConflict by `write`)."""
+class S3PreconditionFailed(Exception):
+    """The store refused a conditional write (turned into StoreConflict by `S3Store.write`)."""
 
 
 def _secret(value: Any) -> str | None:

@@ -7,7 +7,7 @@ yields the same split. readers.py reads CSV/TSV/JSONL; files.py, glue.py and nam
 three sources. This module only re-exports their public names.
 """
 
-from app.training.datasets.files import load_files, load_test_file
+from app.training.datasets.files import class_namer, infer_task_type, load_files, load_test_file
 from app.training.datasets.glue import load_glue
 from app.training.datasets.named import NAMED, NamedDataset, load_named, strip_newsgroup_header
 from app.training.datasets.sampling import few_shot, split_examples
@@ -28,7 +28,9 @@ __all__ = [
     "FileRead",
     "NamedDataset",
     "TaskData",
+    "class_namer",
     "few_shot",
+    "infer_task_type",
     "label_difference",
     "load_files",
     "load_glue",

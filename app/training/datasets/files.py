@@ -45,7 +45,7 @@ def _raw_examples(
     return raws, read
 
 
-def _infer_task_type(raw_labels: Sequence[object]) -> TaskType:
+def infer_task_type(raw_labels: Sequence[object]) -> TaskType:
     """Regression only when every label is a number and some are not whole: 0/1 labels are classes."""
     numbers = [as_number(v) for v in raw_labels]
     if all(n is not None for n in numbers) and any(n is not None and not n.is_integer() for n in numbers):
@@ -53,7 +53,7 @@ def _infer_task_type(raw_labels: Sequence[object]) -> TaskType:
     return "classification"
 
 
-def _class_namer(raw_labels: Sequence[object]) -> Callable[[object], str]:
+def class_namer(raw_labels: Sequence[object]) -> Callable[[object], str]:
     numbers = [as_number(v) for v in raw_labels]
     if all(n is not None and n.is_integer() for n in numbers):
         # "1", "1.0" and 1 are one class, named "1".
@@ -112,8 +112,8 @@ def _read_splits(
         if path is not None
     }
     all_labels = [r.label for rows, _ in read.values() for r in rows]
-    kind = task_type if task_type is not None else _infer_task_type(all_labels)
-    namer = _class_namer(all_labels)
+    kind = task_type if task_type is not None else infer_task_type(all_labels)
+    namer = class_namer(all_labels)
     splits = {split: _to_examples(rows, kind, namer) for split, (rows, _) in read.items()}
     return kind, splits, tuple(file_read for _, file_read in read.values())
 
