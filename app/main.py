@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from app.api import embeddings, health, predict, tasks, ui
+from app.api import embeddings, health, jobs, predict, tasks, ui
 from app.api.deps import Services
 from app.api.errors import install_error_handlers
 from app.api.limits import BodyDeadline, DeclaredLengthLimit
@@ -30,6 +30,8 @@ from app.engine.inputs import InputLimits
 from app.engine.predictor import Predictor
 from app.engine.routing_tally import RoutingTally
 from app.engine.runner import EncoderRunner
+from app.jobs.manager import JobManager, JobsConfig
+from app.jobs.records import open_job_records
 from app.metrics import Metrics, package_version
 from app.registry.factory import open_store
 from app.registry.registry import Registry
@@ -47,7 +49,9 @@ DESCRIPTION = """
 One frozen backbone, many task memories (SPARTAN): each request is routed through its task's memory;
 requests of different tasks share backbone forward passes. Upload memories with
 `PUT /v1/tasks/{task}/memory`; they are validated against the served backbone, stored atomically and
-swapped in without a restart.
+swapped in without a restart. Or train one from labelled rows with
+`POST /v1/tasks/{task}/training-jobs`: the job runs in a process of its own and installs its memory
+through the same upload path.
 """
 
 
@@ -89,6 +93,7 @@ def create_app(settings: Settings | None = None, *, encoder: SpartanEncoder | No
         predict.build_router(settings),
         embeddings.build_router(settings),
         tasks.build_router(settings),
+        jobs.build_router(settings),
         health.build_router(settings),
         ui.build_router(),
     ]
@@ -149,10 +154,19 @@ def build_services(settings: Settings, metrics: Metrics, encoder: SpartanEncoder
         width=encoder.backbone.hidden_size,
         max_length=embedding.max_length,
     )
-    return Services(settings, metrics, encoder, registry, batcher, predictor, embedder, routing_tally)
+    # Training jobs run in processes of their own (app/jobs/worker.py); this only supervises them.
+    job_manager = JobManager(
+        registry, open_job_records(settings), JobsConfig.from_settings(settings), metrics
+    )
+    job_manager.start()
+    return Services(
+        settings, metrics, encoder, registry, batcher, predictor, embedder, routing_tally, job_manager
+    )
 
 
 def shutdown(services: Services, *, close_encoder: bool) -> None:
+    if services.jobs is not None:
+        services.jobs.close()  # first: a job ending now must not install into a stopping registry
     services.registry.stop_polling()
     services.batcher.stop()
     services.predictor.close()

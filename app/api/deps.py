@@ -19,6 +19,7 @@ from app.engine.encoder import SpartanEncoder
 from app.engine.predictor import Predictor
 from app.engine.routing_tally import RoutingTally
 from app.errors import AuthenticationRequired, MemoryInvalid, NotReady, PayloadTooLarge, WritesDisabled
+from app.jobs.manager import JobManager
 from app.metrics import Metrics
 from app.registry.names import TASK_NAME_PATTERN, validate_task_name
 from app.registry.registry import Registry
@@ -40,6 +41,7 @@ class Services:
     predictor: Predictor
     embedder: Embedder
     routing_tally: RoutingTally | None = None  # None: routing statistics are off
+    jobs: JobManager | None = None  # the training jobs of this replica
 
 
 def services(request: Request) -> Services:
@@ -67,7 +69,8 @@ def _key_matches(credentials: HTTPAuthorizationCredentials | None, key: SecretSt
 
 
 def require_admin(svc: ServicesDep, credentials: Credentials) -> None:
-    """Uploads and deletes: the admin key, or the explicit development flag when no key is set."""
+    """Uploads, deletes and training jobs: the admin key, or the explicit development flag when no key
+    is set."""
     settings = svc.settings
     if settings.admin_api_key is None:
         if settings.allow_unauthenticated_writes:

@@ -103,6 +103,7 @@ _STATUS_MEANING = {
     409: "Conflict: the task exists (replace not asked for, or If-Match differs), or another backbone; "
     "a training job that has finished cannot be cancelled",
     413: "Too large",
+    415: "The body's content type is not one this endpoint reads",
     422: "Invalid request, task name, memory file or training data (the message says exactly what, "
     "`details` where: split, row, line, reason)",
     429: "Queue full (requests, uploads in flight, or training jobs): retry after the Retry-After "

@@ -6,6 +6,7 @@ Limits that come from the settings (inputs per request, text length) are checked
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -13,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from app.engine.inputs import TextInput
 from app.engine.predictor import PredictionResult
 from app.engine.routing_tally import RoutingSnapshot
+from app.jobs.records import JobRecord
 from app.registry.registry import TaskInfo
 from app.spartan.routing_stats import (
     label_entropy_bits,
@@ -304,10 +306,124 @@ class RoutingOut(BaseModel):
         )
 
 
+# ----------------------------------------------------------------------------------- training jobs
+
+
+class TrainingRowIn(BaseModel):
+    """One labelled example of a training job's JSON body (documentation: the body is checked row by
+    row by the service itself, so that each refusal names its row)."""
+
+    text: str
+    text_pair: str | None = Field(default=None, description="The second text of a pair task.")
+    label: str | float | int | bool = Field(
+        description="The class (text, or an integer), or the target value of a regression task."
+    )
+
+
+class TrainingDataIn(BaseModel):
+    rows: list[TrainingRowIn] = Field(description="Training rows; dev and test are cut from them if absent.")
+    dev_rows: list[TrainingRowIn] | None = Field(default=None, description="Dev rows (the epoch kept).")
+    test_rows: list[TrainingRowIn] | None = Field(default=None, description="Test rows (the final score).")
+
+
+class TrainingProgressOut(BaseModel):
+    epoch: int = Field(description="The epoch in progress (or the last one).")
+    epochs: int
+    step: int = Field(description="Optimizer steps done, over every epoch.")
+    steps: int = Field(description="Optimizer steps in all.")
+    loss: float | None = Field(description="Training loss, mean of the latest steps.")
+    elapsed_s: float = Field(description="Seconds of training so far (after the backbone loaded).")
+    eta_s: float | None = Field(description="Seconds of training left, at the pace so far.")
+    examples_per_s: float | None = Field(description="Training examples per second so far.")
+
+
+class TrainingEpochOut(BaseModel):
+    epoch: int
+    train_loss: float
+    dev: dict[str, float] = Field(description="Metrics of the dev rows after this epoch.")
+    seconds: float
+
+
+class TrainingJobOut(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "20261201-101500-3fa2c1d0", "task": "reviews", "state": "running",
+                    "created_at": "2026-12-01T10:15:00Z", "started_at": "2026-12-01T10:15:00Z",
+                    "finished_at": None, "replica": "spartan-0:8000", "worker_pid": 4242,
+                    "task_type": "classification", "labels": ["negative", "positive"], "text_pairs": False,
+                    "examples": {"train": 160, "dev": 20, "test": 20}, "config": {"epochs": 10, "lr": 0.003},
+                    "replace": False, "if_match": None,
+                    "progress": {"epoch": 2, "epochs": 10, "step": 14, "steps": 100, "loss": 0.61,
+                                 "elapsed_s": 4.2, "eta_s": 25.8, "examples_per_s": 53.3},
+                    "epochs": [{"epoch": 1, "train_loss": 0.68, "dev": {"accuracy": 0.7}, "seconds": 3.1}],
+                    "best_epoch": None, "dev": {}, "test": {}, "version": None, "error": None,
+                    "error_type": None, "cancel_requested": False,
+                }
+            ]
+        }
+    )  # fmt: skip
+
+    id: str
+    task: str = Field(description="The task the trained memory is installed as.")
+    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    replica: str = Field(description="The replica that accepted the job and runs it.")
+    worker_pid: int | None = Field(description="The training process's pid on that replica.")
+    task_type: Literal["classification", "regression"]
+    labels: list[str]
+    text_pairs: bool
+    examples: dict[str, int] = Field(description="Rows per split (train, after the few-shot sample).")
+    config: dict[str, Any] = Field(description="The trainer's configuration the job runs with.")
+    replace: bool
+    if_match: str | None
+    progress: TrainingProgressOut
+    epochs: list[TrainingEpochOut]
+    best_epoch: int | None = Field(description="The epoch kept (best dev score), once done.")
+    dev: dict[str, float] = Field(description="Dev metrics of the kept epoch, once done.")
+    test: dict[str, float] = Field(description="Test metrics of the kept epoch, once done.")
+    version: str | None = Field(description="The memory version (sha256) the job installed.")
+    error: str | None = Field(description="Why the job failed or was cancelled.")
+    error_type: str | None = Field(
+        description="interrupted, worker_died, training_failed, cancelled, or the upload path's error "
+        "type (memory_conflict, memory_invalid, store_unavailable, ...)."
+    )
+    cancel_requested: bool
+
+    @classmethod
+    def of(cls, record: JobRecord) -> TrainingJobOut:
+        def when(seconds: float | None) -> datetime | None:
+            return None if seconds is None else datetime.fromtimestamp(seconds, UTC)
+
+        created = when(record.created_at)
+        assert created is not None
+        return cls(
+            id=record.id, task=record.task, state=record.state, created_at=created,
+            started_at=when(record.started_at), finished_at=when(record.finished_at), replica=record.replica,
+            worker_pid=record.worker_pid, task_type=record.task_type, labels=record.labels,
+            text_pairs=record.text_pairs, examples=record.examples, config=record.config,
+            replace=record.replace, if_match=record.if_match,
+            progress=TrainingProgressOut(**record.progress.model_dump()),
+            epochs=[TrainingEpochOut(**epoch.model_dump()) for epoch in record.epochs],
+            best_epoch=record.best_epoch, dev=record.dev, test=record.test, version=record.version,
+            error=record.error, error_type=record.error_type, cancel_requested=record.cancel_requested,
+        )  # fmt: skip
+
+
+class TrainingJobList(BaseModel):
+    jobs: list[TrainingJobOut] = Field(description="Newest first.")
+
+
 class ErrorDetail(BaseModel):
     type: str = Field(description="Machine-readable error kind, e.g. task_not_found, memory_invalid.")
     message: str = Field(description="What went wrong, for people.")
-    details: list[dict[str, Any]] | None = Field(default=None, description="Per-field validation errors.")
+    details: list[dict[str, Any]] | None = Field(
+        default=None,
+        description="Per-field validation errors; for training data, where: split, row, line, reason.",
+    )
 
 
 class ErrorBody(BaseModel):

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,12 +37,21 @@ from app.client.models import (
     RoutingOut,
     TaskList,
     TaskOut,
+    TrainingJobList,
+    TrainingJobOut,
 )
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 Model = TypeVar("Model", bound=BaseModel)
 TextInput = str | tuple[str, str] | Sequence[str]
 MemorySource = bytes | str | os.PathLike[str]
+# A training job's rows ({"text", "text_pair"?, "label"} each), or a JSONL, CSV or TSV file's path.
+TrainingRows = Sequence[Mapping[str, Any]] | str | os.PathLike[str]
+TRAINING_OPTIONS = frozenset({
+    "few_shot", "epochs", "lr", "batch_size", "max_length", "num_parents", "num_children", "top_k",
+    "temperature", "seed", "dev_fraction", "test_fraction", "task_type",
+})  # fmt: skip
+_FILE_PARTS = {"train": "file", "dev": "dev_file", "test": "test_file"}
 
 # httpx errors that mean the connection went away after the request was (partly) sent, unanswered.
 _DROPPED = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
@@ -76,6 +86,7 @@ class _Call:
     headers: dict[str, str] = field(default_factory=dict)
     json: Any = None
     content: bytes | None = None
+    files: dict[str, tuple[str, bytes]] | None = None
     prediction: bool = False
     accept: frozenset[int] = frozenset()  # non-2xx statuses that are answers, not errors
 
@@ -128,6 +139,30 @@ def _task_path(task: str, suffix: str = "") -> str:
     return f"/v1/tasks/{quote(task, safe='')}{suffix}"
 
 
+def _job_path(job_id: str, suffix: str = "") -> str:
+    return f"/v1/training-jobs/{quote(job_id, safe='')}{suffix}"
+
+
+def _if_match(if_match: str | None) -> dict[str, str]:
+    if if_match is None:
+        return {}
+    return {"if-match": if_match if if_match == "*" or if_match.startswith('"') else f'"{if_match}"'}
+
+
+def sse_events(lines: Iterable[str]) -> Iterator[tuple[str, str]]:
+    """(event, data) of a Server-Sent Events stream's lines."""
+    event, data = "message", list[str]()
+    for line in lines:
+        if not line:
+            if data:
+                yield event, "\n".join(data)
+            event, data = "message", list[str]()
+        elif line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+
+
 class _Calls:
     """What each endpoint sends and which key it carries; shared by both clients."""
 
@@ -163,14 +198,49 @@ class _Calls:
         )  # fmt: skip
 
     def _upload(self, task: str, memory: MemorySource, replace: bool, if_match: str | None) -> _Call:
-        headers = {"content-type": "application/octet-stream"}
-        if if_match is not None:
-            headers["if-match"] = if_match if if_match == "*" or if_match.startswith('"') else f'"{if_match}"'
+        headers = {"content-type": "application/octet-stream", **_if_match(if_match)}
         params = {"replace": "true"} if replace else {}
         return _Call(
             "PUT", _task_path(task, "/memory"), self.admin_key, False,
             params=params, headers=headers, content=_read_memory(memory),
         )  # fmt: skip
+
+    def _submit_job(
+        self,
+        task: str,
+        train: TrainingRows,
+        dev: TrainingRows | None,
+        test: TrainingRows | None,
+        replace: bool,
+        if_match: str | None,
+        options: Mapping[str, Any],
+    ) -> _Call:
+        unknown = set(options) - TRAINING_OPTIONS
+        if unknown:
+            raise TypeError(f"unknown training options {sorted(unknown)}; known: {sorted(TRAINING_OPTIONS)}")
+        params = {name: str(value) for name, value in options.items() if value is not None}
+        if replace:
+            params["replace"] = "true"
+        call = _Call("POST", _task_path(task, "/training-jobs"), self.admin_key, False, params=params,
+                     headers=_if_match(if_match))  # fmt: skip
+        splits = {"train": train, "dev": dev, "test": test}
+        given = {split: rows for split, rows in splits.items() if rows is not None}
+        files = {split: rows for split, rows in given.items() if isinstance(rows, str | os.PathLike)}
+        if files and len(files) != len(given):
+            raise TypeError("give every split as rows, or every split as a file, not a mix")
+        if files:
+            call.files = {
+                _FILE_PARTS[split]: (Path(path).name, Path(path).read_bytes())
+                for split, path in files.items()
+            }
+        else:
+            keys = {"train": "rows", "dev": "dev_rows", "test": "test_rows"}
+            call.json = {
+                keys[split]: [dict(row) for row in rows]
+                for split, rows in given.items()
+                if not isinstance(rows, str | os.PathLike)
+            }
+        return call
 
     def _wait_before_retry(
         self, call: _Call, error: ServiceError, retries: int, waited: float
@@ -240,7 +310,7 @@ class Client(_Calls):
             try:
                 response = self._http.request(
                     call.method, call.path, params=call.params, headers=self._headers(call),
-                    json=call.json, content=call.content, extensions={"trace": trace},
+                    json=call.json, content=call.content, files=call.files, extensions={"trace": trace},
                 )  # fmt: skip
             except httpx.TransportError as err:
                 if self._resend_dropped(call, err, attempt, resent):
@@ -302,6 +372,66 @@ class Client(_Calls):
         """/metrics: the Prometheus text exposition."""
         return self._send(_Call("GET", "/metrics", self.metrics_key, True)).text
 
+    # ------------------------------------------------------------------ training jobs
+
+    def submit_job(
+        self,
+        task: str,
+        train: TrainingRows,
+        *,
+        dev: TrainingRows | None = None,
+        test: TrainingRows | None = None,
+        replace: bool = False,
+        if_match: str | None = None,
+        **options: Any,
+    ) -> TrainingJobOut:
+        """Train `task`'s memory from rows (dicts: text, text_pair?, label) or files (JSONL, CSV, TSV
+        paths); options (epochs=, lr=, few_shot=, ...) default to the trainer's few-shot recipe."""
+        call = self._submit_job(task, train, dev, test, replace, if_match, options)
+        return _parse(TrainingJobOut, self._send(call))
+
+    def get_job(self, job_id: str) -> TrainingJobOut:
+        return _parse(TrainingJobOut, self._send(_Call("GET", _job_path(job_id), self.reader_key, True)))
+
+    def list_jobs(
+        self, *, task: str | None = None, state: str | None = None, limit: int = 50
+    ) -> TrainingJobList:
+        params = {
+            k: v for k, v in {"task": task, "state": state, "limit": str(limit)}.items() if v is not None
+        }
+        call = _Call("GET", "/v1/training-jobs", self.reader_key, True, params=params)
+        return _parse(TrainingJobList, self._send(call))
+
+    def cancel_job(self, job_id: str) -> TrainingJobOut:
+        """Cancelled (or, run by another replica, asked to stop: `cancel_requested`, state unchanged)."""
+        return _parse(TrainingJobOut, self._send(_Call("DELETE", _job_path(job_id), self.admin_key, False)))
+
+    def follow_job(self, job_id: str) -> Iterator[TrainingJobOut]:
+        """The job each time it changes (Server-Sent Events, reconnecting), until it has finished."""
+        while True:
+            headers = self._headers(_Call("GET", "", self.reader_key, True))
+            try:
+                with self._http.stream("GET", _job_path(job_id, "/events"), headers=headers) as response:
+                    if not response.is_success:
+                        response.read()
+                        raise error_of(response)
+                    last = None
+                    for event, data in sse_events(response.iter_lines()):
+                        if event == "job":
+                            last = TrainingJobOut.model_validate(json.loads(data))
+                            yield last
+            except httpx.TransportError as err:
+                raise ServiceUnreachable(f"GET {self.url}{_job_path(job_id, '/events')}: {err}") from err
+            if last is not None and last.finished:
+                return
+
+    def wait_job(self, job_id: str) -> TrainingJobOut:
+        """The job once it has finished (succeeded, failed or cancelled)."""
+        last = self.get_job(job_id)
+        for last in self.follow_job(job_id):  # noqa: B007
+            pass
+        return last
+
 
 class AsyncClient(_Calls):
     """The same calls for asyncio: `async with AsyncClient(url) as c: await c.predict(...)`."""
@@ -340,7 +470,7 @@ class AsyncClient(_Calls):
             try:
                 response = await self._http.request(
                     call.method, call.path, params=call.params, headers=self._headers(call),
-                    json=call.json, content=call.content, extensions={"trace": trace},
+                    json=call.json, content=call.content, files=call.files, extensions={"trace": trace},
                 )  # fmt: skip
             except httpx.TransportError as err:
                 if self._resend_dropped(call, err, attempt, resent):
@@ -395,3 +525,63 @@ class AsyncClient(_Calls):
 
     async def metrics(self) -> str:
         return (await self._send(_Call("GET", "/metrics", self.metrics_key, True))).text
+
+    # ------------------------------------------------------------------ training jobs
+
+    async def submit_job(
+        self,
+        task: str,
+        train: TrainingRows,
+        *,
+        dev: TrainingRows | None = None,
+        test: TrainingRows | None = None,
+        replace: bool = False,
+        if_match: str | None = None,
+        **options: Any,
+    ) -> TrainingJobOut:
+        call = self._submit_job(task, train, dev, test, replace, if_match, options)
+        return _parse(TrainingJobOut, await self._send(call))
+
+    async def get_job(self, job_id: str) -> TrainingJobOut:
+        call = _Call("GET", _job_path(job_id), self.reader_key, True)
+        return _parse(TrainingJobOut, await self._send(call))
+
+    async def list_jobs(
+        self, *, task: str | None = None, state: str | None = None, limit: int = 50
+    ) -> TrainingJobList:
+        params = {
+            k: v for k, v in {"task": task, "state": state, "limit": str(limit)}.items() if v is not None
+        }
+        call = _Call("GET", "/v1/training-jobs", self.reader_key, True, params=params)
+        return _parse(TrainingJobList, await self._send(call))
+
+    async def cancel_job(self, job_id: str) -> TrainingJobOut:
+        call = _Call("DELETE", _job_path(job_id), self.admin_key, False)
+        return _parse(TrainingJobOut, await self._send(call))
+
+    async def follow_job(self, job_id: str) -> AsyncIterator[TrainingJobOut]:
+        while True:
+            headers = self._headers(_Call("GET", "", self.reader_key, True))
+            last = None
+            try:
+                async with self._http.stream(
+                    "GET", _job_path(job_id, "/events"), headers=headers
+                ) as response:
+                    if not response.is_success:
+                        await response.aread()
+                        raise error_of(response)
+                    lines = [line async for line in response.aiter_lines()]
+            except httpx.TransportError as err:
+                raise ServiceUnreachable(f"GET {self.url}{_job_path(job_id, '/events')}: {err}") from err
+            for event, data in sse_events(lines):
+                if event == "job":
+                    last = TrainingJobOut.model_validate(json.loads(data))
+                    yield last
+            if last is not None and last.finished:
+                return
+
+    async def wait_job(self, job_id: str) -> TrainingJobOut:
+        last = await self.get_job(job_id)
+        async for last in self.follow_job(job_id):  # noqa: B007
+            pass
+        return last

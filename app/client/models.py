@@ -9,6 +9,7 @@ drift apart unnoticed.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -89,6 +90,74 @@ class RoutingOut(BaseModel):
     layers: list[RoutingLayerOut]
 
 
+class TrainingRowIn(BaseModel):
+    text: str
+    text_pair: str | None = None
+    label: str | float | int | bool
+
+
+class TrainingDataIn(BaseModel):
+    rows: list[TrainingRowIn]
+    dev_rows: list[TrainingRowIn] | None = None
+    test_rows: list[TrainingRowIn] | None = None
+
+
+class TrainingProgressOut(BaseModel):
+    epoch: int
+    epochs: int
+    step: int
+    steps: int
+    loss: float | None
+    elapsed_s: float
+    eta_s: float | None
+    examples_per_s: float | None
+
+
+class TrainingEpochOut(BaseModel):
+    epoch: int
+    train_loss: float
+    dev: dict[str, float]
+    seconds: float
+
+
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class TrainingJobOut(BaseModel):
+    id: str
+    task: str
+    state: JobState
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    replica: str
+    worker_pid: int | None
+    task_type: Literal["classification", "regression"]
+    labels: list[str]
+    text_pairs: bool
+    examples: dict[str, int]
+    config: dict[str, Any]
+    replace: bool
+    if_match: str | None
+    progress: TrainingProgressOut
+    epochs: list[TrainingEpochOut]
+    best_epoch: int | None
+    dev: dict[str, float]
+    test: dict[str, float]
+    version: str | None
+    error: str | None
+    error_type: str | None
+    cancel_requested: bool
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("succeeded", "failed", "cancelled")
+
+
+class TrainingJobList(BaseModel):
+    jobs: list[TrainingJobOut]
+
+
 class ErrorDetail(BaseModel):
     type: str
     message: str
@@ -115,6 +184,12 @@ WIRE_MODELS: tuple[type[BaseModel], ...] = (
     TaskList,
     RoutingLayerOut,
     RoutingOut,
+    TrainingRowIn,
+    TrainingDataIn,
+    TrainingProgressOut,
+    TrainingEpochOut,
+    TrainingJobOut,
+    TrainingJobList,
     ErrorDetail,
     ErrorBody,
     Health,

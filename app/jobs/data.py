@@ -39,6 +39,7 @@ DATA_FORMATS: tuple[DataFormat, ...] = get_args(DataFormat)
 SPLITS = ("train", "dev", "test")
 _JSON_KEYS = {"rows": "train", "dev_rows": "dev", "test_rows": "test"}
 _ABSENT = object()  # a row without the field at all (not the same as an empty one)
+MAX_INTEGER_LABEL = 2**53  # beyond it an integer is no longer exactly a float (and 10**400 is none)
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,8 @@ def rows_from_json(body: bytes) -> dict[str, list[RawRow]]:
         value = _strict_json(_decode(body, "the body"))
     except ValueError as err:
         raise _refuse("malformed", f"the body is not valid JSON ({err})") from None
+    except RecursionError:
+        raise _refuse("malformed", "the body nests JSON too deeply to be rows") from None
     if not isinstance(value, dict):
         raise _refuse("malformed", 'the body must be a JSON object: {"rows": [{"text": ..., "label": ...}]}')
     unknown = [key for key in value if key not in _JSON_KEYS]
@@ -149,7 +152,7 @@ def _jsonl_rows(text: str, split: str) -> list[RawRow]:
             continue
         try:
             item = _strict_json(line)
-        except ValueError as err:
+        except (ValueError, RecursionError) as err:
             row = RawRow(split, len(rows) + 1, line_number, _ABSENT, _ABSENT, _ABSENT)
             raise row.refuse("malformed", f"not valid JSON ({err})") from None
         rows.append(_json_row(split, len(rows) + 1, line_number, item))
@@ -224,6 +227,8 @@ def _checked_label(row: RawRow) -> object:
         raise row.refuse("bad_label", f"a label is text or a number, got {_kind(value)}")
     if isinstance(value, float) and not math.isfinite(value):
         raise row.refuse("bad_label", f"label {value} is not a finite number")
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INTEGER_LABEL:
+        raise row.refuse("bad_label", f"label {str(value)[:20]}... is too large a number")
     return value
 
 
