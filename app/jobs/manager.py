@@ -544,8 +544,9 @@ class JobManager:
         self._update_gauges()
         self._persist(job)
         job.done.set()
-        if error is not None:
-            log.warning("training job %s (task %s): %s: %s", job.record.id, job.record.task, state, error)
+        if error is not None:  # a cancel was asked for; a failure is news
+            level = logging.INFO if state == "cancelled" else logging.WARNING
+            log.log(level, "training job %s (task %s): %s: %s", job.record.id, job.record.task, state, error)
 
     # ------------------------------------------------------------------------------------ records
 
