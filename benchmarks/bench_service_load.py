@@ -16,6 +16,9 @@ is `python -m app.cli serve` in another process. Everything runs on loopback.
 
     python benchmarks/bench_service_load.py               # full run, ~4 minutes on 2 cores
     python benchmarks/bench_service_load.py --smoke --out /tmp/bench   # seconds; run by the tests
+    python benchmarks/bench_service_load.py --with-training-job --out /tmp/under-training
+        # the same service windows while a training job (200 movie examples, its own process,
+        # SPARTAN_TRAINING_THREADS / SPARTAN_TRAINING_NICE) trains; compare with a run without it
 """
 
 from __future__ import annotations
@@ -605,7 +608,8 @@ def markdown(results: dict[str, Any], png_name: str) -> str:
     )
     busy = ": other jobs were using them" if env["idle_before_start"] < 0.8 else ""
     single_gain = inprocess["bucketed_rows_per_s"] / inprocess["single_row_rows_per_s"]
-    return f"""# Service load benchmark
+    return (
+        f"""# Service load benchmark
 
 `{results["command"]}` ({env["date"]}; {env["cpu"] or env["platform"]}, {env["cpu_count"]} CPUs,
 torch {env["packages"]["torch"]}, {cfg["threads"]} torch thread(s) in the server and in-process;
@@ -654,7 +658,25 @@ naive server). Server: max batch {cfg["batch_size"]}, max wait {cfg["max_wait_ms
 - The contenders of the in-process comparison alternate in {cfg["inprocess_rounds"]} rotated rounds
   (rows/s are medians over rounds); the service runs are minutes apart and see whatever else runs on
   the machine then (the A/B section below, when present, alternates its two builds round by round).
-""" + (ab_markdown(results["ab"]) if "ab" in results else "")
+"""
+        + (ab_markdown(results["ab"]) if "ab" in results else "")
+        + training_markdown(results)
+    )
+
+
+def training_markdown(results: dict[str, Any]) -> str:
+    job = results.get("training_job")
+    if job is None:
+        return ""
+    return f"""
+## Under a training job
+
+The service windows above ran while training job `{job["id"]}` trained (task {job["task"]},
+{job["examples"].get("train", 0)} training rows, its own process: `SPARTAN_TRAINING_THREADS`,
+`SPARTAN_TRAINING_NICE` at their defaults unless set), started through `POST /v1/tasks/{{task}}/training-jobs`
+and cancelled after them; it had reached step {job["progress"]["step"]} of {job["progress"]["steps"]}
+({job["progress"]["examples_per_s"] or 0:.1f} examples/s). Compare with a run without `--with-training-job`.
+"""
 
 
 # ---------------------------------------------------------------------------------------- main
@@ -665,6 +687,14 @@ def environment(encoder: Any, corpus: str, threads: int) -> dict[str, Any]:
         backbone=encoder.backbone.name, corpus=corpus, threads=threads,
         idle_before_start=harness.cpu_idle_fraction(),
     )  # fmt: skip
+
+
+def start_training(server: harness.ServeProcess, cache_dir: Path) -> str:
+    """A training job that trains through both service windows (it is cancelled after them)."""
+    print("starting a training job (200 movie examples) ...", flush=True)
+    job_id = harness.start_training_job(server.url, harness.training_rows(cache_dir), epochs=1000)
+    print(f"  training job {job_id} is training", flush=True)
+    return job_id
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -702,12 +732,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"  {results['inprocess']}", flush=True)
         with serving(store, config, batch_size=config.batch_size) as server:
             results["service"] = {}
+            job_id = start_training(server, settings.cache_dir) if args.with_training_job else None
             for popularity in ("zipf", "uniform"):
                 print(f"service, {popularity} ...", flush=True)
                 results["service"][popularity] = run_loadgen_process(
                     server, popularity, texts_file, config, config.duration_s
                 )
                 print(f"  {results['service'][popularity]}", flush=True)
+            if job_id is not None:
+                results["training_job"] = harness.stop_training_job(server.url, job_id)
             print("upload to first prediction ...", flush=True)
             results["upload"] = upload_to_first_prediction(server, encoder, config.upload_trials)
             print(f"  {results['upload']}", flush=True)
@@ -752,6 +785,11 @@ def main() -> None:
         "(e.g. a git worktree of an older commit), alternating with this build round by round",
     )  # fmt: skip
     parser.add_argument("--ab-rounds", type=int, default=3, help="A/B rounds (one window per build each)")
+    parser.add_argument(
+        "--with-training-job", action="store_true",
+        help="run the service windows while a training job trains (started through the API, cancelled "
+        "after them): serving latency under training",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.command == "loadgen":
         loadgen_main(args)

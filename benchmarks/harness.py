@@ -9,6 +9,7 @@ own: in one process their pools steal each other's cores.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -328,6 +329,49 @@ class ServeProcess(Process):
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# ---------------------------------------------------------------------------------------- training jobs
+
+
+def training_rows(cache_dir: Path, count: int = 200, seed: int = 1) -> list[dict[str, Any]]:
+    """`count` labelled rows of the movie dataset (a few-shot sample): the data of a training job."""
+    from app.training.datasets import few_shot, load_named
+
+    data = few_shot(load_named("movie", cache_dir), count, seed=seed)
+    return [{"text": ex.text, "label": ex.label} for ex in data.train]
+
+
+def start_training_job(
+    url: str, rows: Sequence[Mapping[str, Any]], *, admin_key: str | None = None,
+    task: str = "bench-training", running_within_s: float = 180, **options: Any,
+) -> str:  # fmt: skip
+    """Submit a training job to the service at `url` and return its id once it trains (its worker
+    process stepping): what a serving-under-training measurement starts before its window. Options
+    are the job's (epochs=1000 keeps it training through any window; cancel it afterwards)."""
+    from app.client import Client
+
+    with Client(url, admin_key=admin_key) as client:
+        job = client.submit_job(task, rows, replace=True, **options)
+
+        def training() -> bool:
+            found = client.get_job(job.id)
+            if found.finished:
+                raise AssertionError(f"training job {job.id} ended before the window: {found.error}")
+            return found.state == "running" and found.progress.step > 0
+
+        wait_until(training, running_within_s, f"training job {job.id} training", every_s=0.25)
+    return job.id
+
+
+def stop_training_job(url: str, job_id: str, *, admin_key: str | None = None) -> dict[str, Any]:
+    """Cancel the job (if it still runs) and return its record, as JSON."""
+    from app.client import Client, JobFinished
+
+    with Client(url, admin_key=admin_key) as client:
+        with contextlib.suppress(JobFinished):  # it ended by itself: nothing to cancel
+            client.cancel_job(job_id)
+        return client.get_job(job_id).model_dump(mode="json")
 
 
 # ---------------------------------------------------------------------------------------- /proc

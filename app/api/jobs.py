@@ -59,7 +59,7 @@ Jobs = Annotated[JobManager, Depends(manager)]
 
 def job_options(
     few_shot: Annotated[int | None, Query(ge=1, description="Train on this many rows (stratified).")] = None,
-    epochs: Annotated[int | None, Query(ge=1, le=100, description="Default: the few-shot recipe's.")] = None,
+    epochs: Annotated[int | None, Query(ge=1, le=1000, description="Default: the few-shot recipe's.")] = None,
     lr: Annotated[float | None, Query(gt=0, le=1, description="Default: the few-shot recipe's.")] = None,
     batch_size: Annotated[int | None, Query(ge=1, le=1024)] = None,
     max_length: Annotated[int | None, Query(ge=8, le=512, description="Tokens per input.")] = None,

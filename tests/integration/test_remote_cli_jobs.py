@@ -98,3 +98,17 @@ def test_spartan_jobs_submit_follow_show_list_cancel(run, tmp_path: Path) -> Non
     assert cancelled.exit_code == 0, cancelled.output
     assert cancelled.output.startswith(f"{later} cancelled: cancelled")
     assert run("jobs", "follow", later).exit_code == 1  # the job did not succeed
+
+
+def test_a_benchmark_can_start_a_training_job_and_stop_it(service: Service) -> None:
+    """What bench_service_load.py --with-training-job does around its service windows."""
+    from benchmarks import harness
+
+    job_id = harness.start_training_job(service.url, rows(), admin_key=ADMIN_KEY, epochs=1000, batch_size=8)
+    with sc.Client(service.url, admin_key=ADMIN_KEY) as client:
+        job = client.get_job(job_id)
+        assert job.state == "running"
+        assert job.progress.step > 0
+    stopped = harness.stop_training_job(service.url, job_id, admin_key=ADMIN_KEY)
+    assert stopped["state"] == "cancelled"
+    assert harness.stop_training_job(service.url, job_id, admin_key=ADMIN_KEY)["state"] == "cancelled"
