@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from app.training.datasets import Example, TaskData
+if TYPE_CHECKING:  # imported where used: the worker reads its job before it loads torch
+    from app.training.datasets import TaskData
 
 JOB_FILE = "job.json"
 MEMORY_FILE = "memory.safetensors"
@@ -30,7 +31,7 @@ EVENTS = ("loading", "started", "step", "epoch", "done", "error")
 
 
 def encode_data(data: TaskData) -> dict[str, Any]:
-    def rows(examples: list[Example]) -> list[list[Any]]:
+    def rows(examples: list[Any]) -> list[list[Any]]:
         return [[ex.text, ex.text_pair, ex.label] for ex in examples]
 
     return {
@@ -44,6 +45,8 @@ def encode_data(data: TaskData) -> dict[str, Any]:
 
 
 def decode_data(value: dict[str, Any]) -> TaskData:
+    from app.training.datasets import Example, TaskData
+
     def examples(rows: list[list[Any]]) -> list[Example]:
         return [Example(text, label, pair) for text, pair, label in rows]
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from app.errors import SpartanError
+from app.jobs.protocol import event_line, read_job  # the standard library only: no torch yet
 
 log = logging.getLogger("app.jobs.worker")
 
@@ -36,8 +37,6 @@ class Events:
         self._lock = threading.Lock()
 
     def __call__(self, event: str, **fields: Any) -> None:
-        from app.jobs.protocol import event_line
-
         with self._lock:
             self._out.write(event_line(event, **fields))
 
@@ -54,11 +53,9 @@ def exit_with_parent(parent: int) -> None:
 
 
 def run(folder: Path, emit: Events) -> None:
-    from app.jobs.protocol import read_job
-
     job = read_job(folder)
     try:
-        os.nice(int(job["nice"]))
+        os.nice(int(job["nice"]))  # first: everything after it, imports included, yields to serving
     except OSError as err:  # not allowed here: train at the same priority, and say so
         log.warning("could not lower this process's priority: %s", err)
     emit("loading", pid=os.getpid())

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +33,7 @@ def rows(count: int = 40) -> list[dict[str, Any]]:
 @pytest.fixture
 def tiny_settings(settings_for: Callable[..., Any], tiny_backbone_dir: Path) -> Callable[..., Any]:
     def make(**overrides: Any) -> Any:
-        return settings_for(backbone=str(tiny_backbone_dir), training_nice=0, **overrides)
+        return settings_for(**{"backbone": str(tiny_backbone_dir), "training_nice": 0, **overrides})
 
     return make
 
@@ -48,9 +49,10 @@ async def until_done(client: httpx.AsyncClient, job_id: str, timeout_s: float = 
 
 
 async def until_running(client: httpx.AsyncClient, job_id: str) -> dict[str, Any]:
+    """Until the job's worker has said it is loading (it has lowered its priority by then)."""
     for _ in range(600):
         job = (await client.get(f"/v1/training-jobs/{job_id}")).json()
-        if job["state"] == "running" and job["worker_pid"]:
+        if job["state"] == "running" and job["worker_pid"] and job["progress"]["epochs"]:
             return job
         await asyncio.sleep(0.05)
     raise AssertionError(f"job {job_id} never ran")
@@ -198,10 +200,21 @@ def test_writes_need_the_admin_key(tiny_settings: Any, serve: Any) -> None:
     asyncio.run(scenario())
 
 
-def test_cancel_a_running_job_and_a_full_queue(tiny_settings: Any, serve: Any) -> None:
+def worker_facts(pid: int) -> tuple[int, dict[str, str]]:
+    """The niceness and the environment of a running process."""
+    nice = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+    pairs = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return nice, dict(pair.decode().split("=", 1) for pair in pairs if b"=" in pair)
+
+
+def test_cancel_a_running_job_and_a_full_queue(
+    tiny_settings: Any, serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SPARTAN_ADMIN_API_KEY", ADMIN)  # in the service's environment, never the worker's
+
     async def scenario() -> None:
-        async with serve(tiny_settings(max_queued_jobs=1)) as (_, client):
-            long = {**FAST, "epochs": "100"}
+        async with serve(tiny_settings(max_queued_jobs=1, training_nice=7)) as (_, client):
+            long = {**FAST, "epochs": "1000"}
             first = (
                 await client.post("/v1/tasks/a/training-jobs", params=long, json={"rows": rows()})
             ).json()
@@ -213,6 +226,10 @@ def test_cancel_a_running_job_and_a_full_queue(tiny_settings: Any, serve: Any) -
             assert full.json()["error"]["type"] == "job_queue_full"
             assert int(full.headers["retry-after"]) >= 1
             running = await until_running(client, first["id"])
+            nice, env = worker_facts(running["worker_pid"])
+            assert nice == os.nice(0) + 7  # its own, lower, CPU priority
+            assert env["OMP_NUM_THREADS"] == "1"  # its own thread budget (SPARTAN_TRAINING_THREADS)
+            assert not [name for name in env if name.startswith("SPARTAN_")]  # no keys, no settings
             assert (await client.get(f"/v1/training-jobs/{second['id']}")).json()["state"] == "queued"
             cancelled = await client.delete(f"/v1/training-jobs/{second['id']}")
             assert (cancelled.status_code, cancelled.json()["state"]) == (200, "cancelled")
