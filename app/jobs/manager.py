@@ -588,12 +588,13 @@ class JobManager:
                     log.exception("training job %s: heartbeat failed", job.record.id)
 
     def _prune(self) -> None:
-        """Keep at most max_records finished records, in the store and in memory (oldest go first)."""
+        """Keep at most max_records finished records, in the store and in memory (oldest go first).
+        A record of a replica that stopped updating it counts as finished here (see `_view`)."""
         try:
             ids = self.records.ids()
             for job_id in ids[: max(0, len(ids) - self.config.max_records)]:
                 record = self.records.read(job_id)
-                if record is None or not record.active:
+                if record is None or not self._view(record).active:
                     self.records.delete(job_id)
         except SpartanError as err:
             log.warning("training jobs: old records not pruned (%s)", err)
