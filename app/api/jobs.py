@@ -22,7 +22,7 @@ from app.api.deps import MULTIPART_SLACK_BYTES, ServicesDep, TaskName, reader_de
 from app.api.errors import error_responses
 from app.api.schemas import TrainingDataIn, TrainingJobList, TrainingJobOut
 from app.api.tasks import parse_if_match
-from app.errors import NotReady, PayloadTooLarge, TrainingDataInvalid
+from app.errors import JobNotFound, NotReady, PayloadTooLarge, StoreUnavailable, TrainingDataInvalid
 from app.jobs.data import DataFormat, DataLimits, RawRow, rows_from_file, rows_from_json, training_data
 from app.jobs.manager import JobManager
 from app.jobs.options import DEFAULT_DEV_FRACTION, DEFAULT_TEST_FRACTION, JobOptions
@@ -280,7 +280,10 @@ async def _events(jobs: JobManager, job_id: str, record: Any) -> AsyncIterator[s
             return
         own = jobs.peek(job_id)
         await asyncio.sleep(EVENTS_POLL_S if own is not None else 2 * EVENTS_POLL_S)
-        record = await _record(jobs, job_id)
+        try:
+            record = await _record(jobs, job_id)
+        except (JobNotFound, StoreUnavailable):  # pruned, or the store is down: the client reconnects
+            return
 
 
 # ------------------------------------------------------------------------------------------ routes

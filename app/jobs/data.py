@@ -15,8 +15,8 @@ import io
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
-from typing import Any, Literal, get_args
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from app.errors import MemoryInvalid, TrainingDataInvalid
 from app.jobs.options import JobOptions
@@ -35,7 +35,6 @@ from app.training.datasets import (
 from app.training.datasets.readers import as_number
 
 DataFormat = Literal["json", "jsonl", "csv", "tsv"]
-DATA_FORMATS: tuple[DataFormat, ...] = get_args(DataFormat)
 SPLITS = ("train", "dev", "test")
 _JSON_KEYS = {"rows": "train", "dev_rows": "dev", "test_rows": "test"}
 _ABSENT = object()  # a row without the field at all (not the same as an empty one)
@@ -377,11 +376,4 @@ def _few_shot(data: TaskData, options: JobOptions, given: set[str]) -> TaskData:
             "no training example",
             "train",
         )
-    return replace(few_shot(data, options.few_shot, seed=options.seed_value), name=data.name)
-
-
-def check_format(value: str) -> DataFormat:
-    for data_format in DATA_FORMATS:
-        if value == data_format:
-            return data_format
-    raise _refuse("unsupported_format", f"unsupported data format {value!r} (use {', '.join(DATA_FORMATS)})")
+    return few_shot(data, options.few_shot, seed=options.seed_value)

@@ -392,12 +392,14 @@ class JobManager:
                 "job_id": record.id, "backbone": self.config.backbone,
                 "cache_dir": str(self.config.cache_dir), "threads": self.config.threads,
                 "nice": self.config.nice, "config": asdict(job.config), "data": encode_data(job.data),
+                "parent": os.getpid(),
             })  # fmt: skip
             job.data = None  # the worker has it now
             self._persist(job)
             process = subprocess.Popen(
                 [*self.command, str(folder)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                 env=self._worker_env(), text=True, encoding="utf-8",
+                start_new_session=True,  # a terminal's Ctrl-C is the service's to handle, not the job's
             )  # fmt: skip
             with self._lock:
                 job.process = process

@@ -43,6 +43,8 @@ class Events:
 
 def exit_with_parent(parent: int) -> None:
     """Exit as soon as the serving process is gone (re-parented: getppid changes)."""
+    if os.getppid() != parent:
+        os._exit(3)  # it died before this process got here
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -54,6 +56,7 @@ def exit_with_parent(parent: int) -> None:
 
 def run(folder: Path, emit: Events) -> None:
     job = read_job(folder)
+    exit_with_parent(int(job.get("parent", os.getppid())))
     try:
         os.nice(int(job["nice"]))  # first: everything after it, imports included, yields to serving
     except OSError as err:  # not allowed here: train at the same priority, and say so
@@ -93,7 +96,6 @@ def main(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s %(levelname)s training-job[{os.getpid()}] %(name)s: %(message)s",
     )
     emit = Events()
-    exit_with_parent(os.getppid())
     try:
         run(Path(args[0]), emit)
     except SpartanError as err:  # a domain error's message is written for users
