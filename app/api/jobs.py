@@ -125,10 +125,12 @@ async def submit_job(
     is queued (422 names the split, row, line and reason). The finished memory is installed like an
     upload: a task that exists needs `replace=true` or If-Match (checked now, and again at the end).
     """
-    settings = svc.settings
-    options.train_config()  # options that do not fit together are refused before the body is read
+    settings, num_layers = svc.settings, svc.registry.identity.num_layers
+    options.train_config(num_layers)  # options that do not fit together are refused before the body is read
     splits = await read_training_rows(request, settings.max_training_bytes)
-    limits = DataLimits(settings.max_training_rows, settings.max_training_labels, settings.max_text_chars)
+    limits = DataLimits(
+        settings.max_training_rows, settings.max_training_labels, settings.max_text_chars, num_layers
+    )
     data = await asyncio.to_thread(training_data, task, splits, options, limits)
     record = await asyncio.to_thread(
         jobs.submit, task, data, options, replace=replace, if_match=parse_if_match(if_match)

@@ -46,6 +46,7 @@ class DataLimits:
     max_rows: int
     max_labels: int
     max_text_chars: int
+    num_layers: int  # of the served backbone (the recipe depends on it)
 
 
 @dataclass(frozen=True)
@@ -307,7 +308,7 @@ def training_data(
 ) -> TaskData:
     """The task's train/dev/test examples, checked, with dev and test cut from the training rows
     (seeded, stratified) where not given, and the few-shot sample taken; TrainingDataInvalid otherwise."""
-    options.train_config()  # options that do not fit together are refused first
+    options.train_config(limits.num_layers)  # options that do not fit together are refused first
     rows = [row for split in SPLITS for row in splits.get(split, ())]
     if not splits.get("train"):
         raise _refuse("no_rows", "no training rows", "train")

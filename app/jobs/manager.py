@@ -228,14 +228,15 @@ class JobManager:
         if_match: str | None = None,
     ) -> JobRecord:
         """Queue a job (its data already checked); its record is in the store before this returns."""
-        config = options.train_config()
+        num_layers = self.registry.identity.num_layers
+        config = options.train_config(num_layers)
         now = time.time()
         record = JobRecord(
             id=new_job_id(now), task=task, state="queued", created_at=now, replica=self.config.replica,
             instance=self.instance, heartbeat_at=now, replace=replace, if_match=if_match,
             task_type=data.task_type, labels=list(data.labels), text_pairs=data.has_pairs,
             examples={"train": len(data.train), "dev": len(data.dev), "test": len(data.test)},
-            config=options.described(),
+            config=options.described(num_layers),
         )  # fmt: skip
         job = _Job(record, data, config)
         with self._lock:

@@ -1,9 +1,10 @@
 """What a training job is asked to do, and the trainer's configuration that follows from it.
 
-Every option left unset takes the trainer's own default: the few-shot recipe (app/training/trainer.py:
-FEW_SHOT_EPOCHS, FEW_SHOT_LR) over TrainConfig's defaults, read from there at each job, so a better
-recipe in the trainer is what jobs use, with nothing to change here. A job is for a few hundred
-examples, so the few-shot recipe is its default whether or not `few_shot` is given.
+Every option left unset takes the trainer's own default: its few-shot recipe, read from
+app/training/trainer.py at each job (its `few_shot_config(num_layers)` where it has one, the recipe
+`spartan train --few-shot` uses; else FEW_SHOT_EPOCHS and FEW_SHOT_LR over TrainConfig's defaults),
+so a better recipe in the trainer is what jobs use, with nothing to change here. A job is for a few
+hundred examples, so the few-shot recipe is its default whether or not `few_shot` is given.
 """
 
 from __future__ import annotations
@@ -13,14 +14,21 @@ from typing import Any
 
 from app.errors import TrainingDataInvalid
 from app.spartan.memory import TaskType
+from app.training import trainer
 from app.training.trainer import FEW_SHOT_EPOCHS, FEW_SHOT_LR, TrainConfig
 
 DEFAULT_DEV_FRACTION = 0.1
 DEFAULT_TEST_FRACTION = 0.1
 
 
-def recipe() -> TrainConfig:
-    """The trainer's few-shot recipe: what a job trains with unless its options say otherwise."""
+def recipe(num_layers: int) -> TrainConfig:
+    """The trainer's few-shot recipe for a backbone of `num_layers` layers: what a job trains with
+    unless its options say otherwise."""
+    make = getattr(trainer, "few_shot_config", None)  # the fast recipe's home once it lands there
+    if make is not None:
+        made = make(num_layers)
+        assert isinstance(made, TrainConfig)
+        return made
     return replace(TrainConfig(), epochs=FEW_SHOT_EPOCHS, lr=FEW_SHOT_LR)
 
 
@@ -46,11 +54,11 @@ class JobOptions:
     def seed_value(self) -> int:
         return self.seed if self.seed is not None else TrainConfig().seed
 
-    def train_config(self) -> TrainConfig:
+    def train_config(self, num_layers: int) -> TrainConfig:
         """The recipe with every option given put in; TrainingDataInvalid if they do not fit together."""
         names = {f.name for f in fields(TrainConfig)}
         given = {f.name: getattr(self, f.name) for f in fields(self) if f.name in names}
-        config = replace(recipe(), **{name: value for name, value in given.items() if value is not None})
+        config = replace(recipe(num_layers), **{k: v for k, v in given.items() if v is not None})
         if config.top_k > config.num_parents:
             raise TrainingDataInvalid(
                 f"top_k {config.top_k} exceeds num_parents {config.num_parents} (a token picks k of the "
@@ -64,10 +72,10 @@ class JobOptions:
             )  # fmt: skip
         return config
 
-    def described(self) -> dict[str, Any]:
+    def described(self, num_layers: int) -> dict[str, Any]:
         """What the job record shows: the resolved trainer configuration and the data options."""
         return {
-            **asdict(self.train_config()),
+            **asdict(self.train_config(num_layers)),
             "few_shot": self.few_shot,
             "dev_fraction": self.dev_fraction,
             "test_fraction": self.test_fraction,

@@ -4,6 +4,7 @@ before anything is queued; what passes becomes the train/dev/test examples the t
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -13,7 +14,7 @@ from app.jobs.data import DataLimits, rows_from_file, rows_from_json, training_d
 from app.jobs.options import JobOptions, recipe
 from app.training.trainer import FEW_SHOT_EPOCHS, FEW_SHOT_LR, TrainConfig
 
-LIMITS = DataLimits(max_rows=100, max_labels=3, max_text_chars=50)
+LIMITS = DataLimits(max_rows=100, max_labels=3, max_text_chars=50, num_layers=6)
 
 
 def rows(count: int = 20, labels: tuple[str, ...] = ("neg", "pos")) -> list[dict[str, Any]]:
@@ -131,12 +132,24 @@ def test_options_that_do_not_fit_the_data_are_refused() -> None:
 
 
 def test_unset_options_are_the_trainers_few_shot_recipe() -> None:
-    config = JobOptions().train_config()
-    assert config == recipe()
+    config = JobOptions().train_config(6)
+    assert config == recipe(6)
     assert (config.epochs, config.lr) == (FEW_SHOT_EPOCHS, FEW_SHOT_LR)
     assert config.num_parents == TrainConfig().num_parents
     given = JobOptions(epochs=2, lr=0.01, num_parents=8, num_children=2, top_k=4, temperature=1.0, seed=3)
-    chosen = given.train_config()
+    chosen = given.train_config(6)
     assert (chosen.epochs, chosen.lr, chosen.num_parents, chosen.num_children) == (2, 0.01, 8, 2)
     assert (chosen.top_k, chosen.temperature, chosen.seed) == (4, 1.0, 3)
-    assert given.described()["dev_fraction"] == 0.1
+    assert given.described(6)["dev_fraction"] == 0.1
+
+
+def test_a_recipe_the_trainer_makes_per_backbone_is_the_one_jobs_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the trainer has `few_shot_config(num_layers)` (the fast recipe), jobs follow it."""
+    from app.training import trainer
+
+    def few_shot_config(num_layers: int, **changes: Any) -> TrainConfig:
+        return replace(TrainConfig(epochs=7, lr=0.002, num_children=num_layers), **changes)
+
+    monkeypatch.setattr(trainer, "few_shot_config", few_shot_config, raising=False)
+    config = JobOptions(lr=0.005).train_config(4)
+    assert (config.epochs, config.lr, config.num_children) == (7, 0.005, 4)
