@@ -29,7 +29,8 @@ from app.errors import (
 )
 from app.metrics import Metrics
 from app.registry.names import validate_task_name
-from app.registry.registry import Registry, check_replace, memory_nbytes
+from app.registry.records import check_replace, memory_nbytes
+from app.registry.registry import Registry
 from app.registry.store import LocalFolderStore
 from app.spartan.memfile import BackboneIdentity, load_memory, memory_tensors, memory_to_bytes, spec_metadata
 from app.spartan.memory import MemorySpec, TaskMemory
