@@ -32,7 +32,7 @@ from app.engine.routing_tally import RoutingTally
 from app.engine.runner import EncoderRunner
 from app.metrics import Metrics, package_version
 from app.registry.factory import open_store
-from app.registry.registry import Registry
+from app.registry.registry import Registry, RegistryConfig
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -115,12 +115,7 @@ def build_services(settings: Settings, metrics: Metrics, encoder: SpartanEncoder
         encoder = SpartanEncoder(load_backbone(settings.backbone, settings.cache_dir, precision=precision))
     metrics.set_build_info(encoder.backbone.name, encoder.backbone.fingerprint)
     registry = Registry(
-        open_store(settings),
-        encoder.identity(),
-        max_loaded=settings.max_loaded_memories,
-        max_loaded_bytes=settings.max_loaded_bytes,
-        pinned=settings.pinned_tasks,
-        metrics=metrics,
+        open_store(settings), encoder.identity(), RegistryConfig.from_settings(settings), metrics=metrics
     )
     routing_tally = RoutingTally() if settings.routing_stats else None
     if routing_tally is not None:  # before any load, so that every installed memory is announced

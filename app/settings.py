@@ -6,7 +6,7 @@ Deep modules never read the environment: they receive the values they need as ar
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from platformdirs import user_cache_dir
 from pydantic import Field, SecretStr, model_validator
@@ -285,3 +285,9 @@ class Settings(BaseSettings):
                 f"({self.max_queue_rows})"
             )
         return self
+
+
+def setting_default(name: str) -> Any:
+    """The default a Settings field declares (never the environment): for the config objects built
+    from Settings, so that their own defaults are these and are written only here."""
+    return Settings.model_fields[name].get_default(call_default_factory=True)

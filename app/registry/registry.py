@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from app.errors import StoreConflict, TaskNotFound, TaskUnavailable
 from app.metrics import Metrics
@@ -44,6 +45,7 @@ from app.registry.records import (
 )
 from app.registry.store import MemoryStore, StoredFile
 from app.registry.sync import StorePoller, refresh_when_reachable, stale_tasks
+from app.settings import Settings, setting_default
 from app.spartan.memfile import BackboneIdentity
 from app.spartan.memory import TaskMemory
 
@@ -53,6 +55,23 @@ log = logging.getLogger(__name__)
 MemoryListener = Callable[[str, TaskMemory | None], None]
 
 
+@dataclass(frozen=True)
+class RegistryConfig:
+    """The registry's knobs. Built from Settings (`from_settings`); its defaults are the Settings'."""
+
+    max_loaded: int = setting_default("max_loaded_memories")  # LRU capacity, count (pinned included)
+    max_loaded_bytes: int = setting_default("max_loaded_bytes")  # LRU capacity, resident bytes
+    pinned: tuple[str, ...] = ()  # loaded at start, never evicted
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RegistryConfig:
+        return cls(
+            max_loaded=settings.max_loaded_memories,
+            max_loaded_bytes=settings.max_loaded_bytes,
+            pinned=tuple(settings.pinned_tasks),
+        )
+
+
 class Registry:
     """The registry of task memories over one `MemoryStore`, for one served backbone."""
 
@@ -60,21 +79,20 @@ class Registry:
         self,
         store: MemoryStore,
         identity: BackboneIdentity,
+        config: RegistryConfig | None = None,
         *,
-        max_loaded: int = 256,
-        max_loaded_bytes: int = 2 * 1024**3,
-        pinned: Iterable[str] = (),
         metrics: Metrics | None = None,
     ) -> None:
+        config = config or RegistryConfig()
         self.store = store
         self.identity = identity
         self.metrics = metrics or Metrics()
         self._tasks: dict[str, TaskRecord] = {}
         self._lru = LRUCache[str](
-            max_loaded,
-            max_loaded_bytes,
+            config.max_loaded,
+            config.max_loaded_bytes,
             self._evicted,
-            pinned=(validate_task_name(name) for name in pinned),
+            pinned=(validate_task_name(name) for name in config.pinned),
         )
         self._lock = threading.RLock()
         self._loader = MemoryLoader(store, identity, self.metrics)
