@@ -172,6 +172,14 @@ class Settings(BaseSettings):
         description="LRU capacity: most bytes of task memories resident at once (parameters and the "
         "copies their layers cache for inference).",
     )
+    cold_load_threads: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description="Threads that load cold tasks (read, validate, build their memories): a slow load of "
+        "one task leaves the others to the rest; one load per task at a time whatever the requests. Each "
+        "thread keeps its own malloc arena: 1 keeps the heap most compact.",
+    )
     pinned_tasks: list[str] = Field(
         default_factory=list,
         description="Tasks loaded at start and never evicted (env: JSON list, e.g. '[\"sentiment\"]').",

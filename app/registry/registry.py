@@ -1,7 +1,7 @@
 """Task name -> task memory: discover files in the store, load lazily, swap atomically, evict by LRU.
 
 The registry coordinates; each job has its module: the records and how they are reported
-(records.py), the LRU (lru.py), building memories (loading.py), store
+(records.py), the LRU (lru.py), building memories and the cold-load threads (loading.py), store
 sync and polling (sync.py), handing freed memory back to the OS (memtrim.py).
 
 Concurrency model:
@@ -21,6 +21,7 @@ swap, an eviction or a delete never changes a request in flight (its memory is f
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from app.errors import StoreConflict, TaskNotFound, TaskUnavailable
 from app.metrics import Metrics
 from app.registry.guard import GuardedStore
-from app.registry.loading import FileRefused, Loaded, MemoryLoader
+from app.registry.loading import ColdLoads, FileRefused, Loaded, MemoryLoader
 from app.registry.lru import LRUCache
 from app.registry.memtrim import release_freed_memory
 from app.registry.names import validate_task_name
@@ -62,6 +63,7 @@ class RegistryConfig:
     max_loaded: int = setting_default("max_loaded_memories")  # LRU capacity, count (pinned included)
     max_loaded_bytes: int = setting_default("max_loaded_bytes")  # LRU capacity, resident bytes
     pinned: tuple[str, ...] = ()  # loaded at start, never evicted
+    cold_load_threads: int = setting_default("cold_load_threads")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RegistryConfig:
@@ -69,6 +71,7 @@ class RegistryConfig:
             max_loaded=settings.max_loaded_memories,
             max_loaded_bytes=settings.max_loaded_bytes,
             pinned=tuple(settings.pinned_tasks),
+            cold_load_threads=settings.cold_load_threads,
         )
 
 
@@ -96,6 +99,7 @@ class Registry:
         )
         self._lock = threading.RLock()
         self._loader = MemoryLoader(store, identity, self.metrics)
+        self._cold_loads = ColdLoads(self.resolve, config.cold_load_threads)
         self._poller = StorePoller(self.refresh, self.metrics)
         self._listeners: list[MemoryListener] = []
         if isinstance(store, GuardedStore):
@@ -120,6 +124,11 @@ class Registry:
         It runs in the thread that made the change, with the task's lock held: keep it quick."""
         self._listeners.append(listener)
 
+    def close(self) -> None:
+        """Stop polling and the cold-load threads (loads under way finish first)."""
+        self.stop_polling()
+        self._cold_loads.close()
+
     # ------------------------------------------------------------------------------------ serving
 
     def resolve_loaded(self, task: str) -> TaskMemory | None:
@@ -143,6 +152,11 @@ class Registry:
                 raise TaskNotFound(f"task {task!r} was deleted")
             memory = self.resolve_loaded(task)
             return memory if memory is not None else self._load(state)
+
+    def resolve_in_background(self, task: str) -> concurrent.futures.Future[TaskMemory]:
+        """`resolve(task)` on the cold-load threads. Callers for a task already loading share its
+        future; a slow load of one task leaves the other threads to other tasks."""
+        return self._cold_loads.submit(task)
 
     def record_request(self, task: str, outcome: str) -> None:
         with self._lock:

@@ -536,9 +536,11 @@ def test_an_upload_trained_with_another_pooling_is_refused_with_422(folder: Path
 
 
 def test_the_config_comes_from_the_settings_and_its_defaults_are_theirs(folder: Path) -> None:
-    settings = Settings(max_loaded_memories=3, max_loaded_bytes=1000, pinned_tasks=["a"])
-    assert RegistryConfig.from_settings(settings) == RegistryConfig(3, 1000, ("a",))
+    settings = Settings(max_loaded_memories=3, max_loaded_bytes=1000, pinned_tasks=["a"], cold_load_threads=2)
+    assert RegistryConfig.from_settings(settings) == RegistryConfig(3, 1000, ("a",), 2)
     defaults = Settings.model_construct()  # the declared defaults, whatever the environment says
-    assert RegistryConfig() == RegistryConfig(defaults.max_loaded_memories, defaults.max_loaded_bytes, ())
+    assert RegistryConfig() == RegistryConfig(
+        defaults.max_loaded_memories, defaults.max_loaded_bytes, (), defaults.cold_load_threads
+    )
     registry = Registry(LocalFolderStore(folder), IDENTITY, RegistryConfig.from_settings(settings))
     assert (registry.max_loaded, registry.max_loaded_bytes) == (3, 1000)
