@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from platformdirs import user_cache_dir
 from pydantic import Field, SecretStr, model_validator
@@ -172,6 +172,14 @@ class Settings(BaseSettings):
         ge=1,
         description="LRU capacity: most bytes of task memories resident at once (parameters and the "
         "copies their layers cache for inference).",
+    )
+    cold_load_threads: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description="Threads that load cold tasks (read, validate, build their memories): a slow load of "
+        "one task leaves the others to the rest; one load per task at a time whatever the requests. Each "
+        "thread keeps its own malloc arena: 1 keeps the heap most compact.",
     )
     pinned_tasks: list[str] = Field(
         default_factory=list,
@@ -344,3 +352,9 @@ class Settings(BaseSettings):
     def replica(self) -> str:
         """replica_name, or <hostname>:<port> when unset (a restart of the same replica keeps both)."""
         return self.replica_name or f"{socket.gethostname()}:{self.port}"
+
+
+def setting_default(name: str) -> Any:
+    """The default a Settings field declares (never the environment): for the config objects built
+    from Settings, so that their own defaults are these and are written only here."""
+    return Settings.model_fields[name].get_default(call_default_factory=True)

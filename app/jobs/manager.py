@@ -51,7 +51,8 @@ from app.jobs.options import JobOptions
 from app.jobs.protocol import MEMORY_FILE, encode_data, parse_event, write_job
 from app.jobs.records import FINAL, EpochSummary, JobRecord, JobRecords, new_job_id, validate_job_id
 from app.metrics import Metrics
-from app.registry.registry import Registry, check_replace
+from app.registry.records import check_replace
+from app.registry.registry import Registry
 from app.settings import Settings
 from app.training.datasets import TaskData
 from app.training.trainer import TrainConfig
