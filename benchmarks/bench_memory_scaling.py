@@ -382,14 +382,13 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 
 def main() -> None:
-    cli = harness.parser(__doc__, rounds=7)
+    cli = harness.parser(__doc__, name="bench_memory_scaling", rounds=7)
     cli.add_argument("--cells", type=int, nargs="+", help="M values (E = M // C parents, at least k)")
     cli.add_argument("--children", type=int, default=4, help="C, children per parent")
     cli.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS[:5]))
     cli.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     cli.add_argument("--hidden", type=int)
     cli.add_argument("--seed", type=int, default=0)
-    cli.add_argument("--name", default="bench_memory_scaling", help="report file name")
     cli.add_argument("--memory-worker", help=argparse.SUPPRESS)
     args = cli.parse_args()
     torch.set_num_threads(args.threads)

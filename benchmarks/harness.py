@@ -153,12 +153,20 @@ def run_child(command: Sequence[str], *, timeout_s: float, env: Mapping[str, str
 # ---------------------------------------------------------------------------------------- reports
 
 
-def parser(doc: str | None, out: Path = DOCS, rounds: int | None = None, threads: int | None = 2) -> Any:
-    """A benchmark's command line: its docstring as the help, --smoke, --out, and --rounds / --threads
-    where the benchmark has them (None: it has not)."""
+def parser(
+    doc: str | None,
+    out: Path = DOCS,
+    name: str | None = None,
+    rounds: int | None = None,
+    threads: int | None = 2,
+) -> Any:
+    """A benchmark's command line: its docstring as the help, --smoke, --out, and --name (the report's
+    file name), --rounds, --threads where the benchmark has them (None: it has not)."""
     cli = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_argument("--smoke", action="store_true", help="tiny sizes, seconds (the tests run it)")
     cli.add_argument("--out", type=Path, default=out, help=f"folder for the report (default {out})")
+    if name is not None:
+        cli.add_argument("--name", default=name, help=f"the report's file name (default {name})")
     if rounds is not None:
         cli.add_argument("--rounds", type=int, default=rounds)
     if threads is not None:

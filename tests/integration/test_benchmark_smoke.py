@@ -30,19 +30,3 @@ def test_memory_layer_against_the_reference_smoke(repo_root, tmp_path):
     assert expanded["peak_mib"] >= gradient_mib, (expanded, gradient_mib)
     assert sparse["peak_mib"] < expanded["peak_mib"] / 4, (sparse, expanded)
 
-
-@pytest.mark.model
-@pytest.mark.slow
-def test_encoder_overhead_benchmark_smoke(repo_root, tmp_path):
-    cmd = [
-        sys.executable,
-        str(repo_root / "benchmarks" / "bench_encoder_overhead.py"),
-        "--smoke",
-        "--out",
-        str(tmp_path),
-    ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0, done.stderr[-2000:]
-    report = json.loads((tmp_path / "bench_encoder_overhead_smoke.json").read_text())
-    assert [r["batch"] for r in report["results"]] == [1, 2]
-    assert all(r["spartan_ratio_median"] > 0 for r in report["results"])
