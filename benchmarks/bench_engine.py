@@ -4,7 +4,7 @@ accuracy the default precision keeps.
     python benchmarks/bench_engine.py speed       # every runtime, each in its own process (~10 min)
     python benchmarks/bench_engine.py speed --runtimes torch:fp32 --threads 2 --cells 1x128 32x128 --rounds 9
                                                   # the memories' overhead (docs/BENCHMARKS.md, section 2)
-    python benchmarks/bench_engine.py accuracy    # the shipped memories, fp32 vs the default precision
+    python benchmarks/bench_engine.py accuracy    # the shipped memories, fp32 vs bf16 (the default) and int8
     python benchmarks/bench_engine.py speed --smoke --out /tmp/x   # seconds; run by the tests
 
 `speed` runs, per thread count and per cell (batch x length, inputs of exactly that many tokens, no
@@ -43,6 +43,7 @@ RUNTIMES = [
 ]
 SMOKE_RUNTIMES = ["torch:fp32", "torch:bf16", "onnxruntime:int8", "openvino:bf16"]  # every code path once
 CELLS = ["1x64", "8x64", "32x64", "1x128", "8x128", "32x128"]
+PRECISIONS = ("fp32", "bf16", "int8-per-tensor", "int8-per-channel")  # fp32 first: the reference
 
 
 def torch_contenders(state: dict[str, Any], batch: int, length: int) -> dict[str, Callable[[], object]]:
@@ -252,8 +253,25 @@ def render_speed(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def int8_encoder(scheme: str) -> Any:
+    """The service's fp32 encoder with every backbone Linear int8 (torch dynamic quantisation; per-tensor
+    weight scales as `quantize_dynamic(model, {nn.Linear})` gives, or one scale per output row)."""
+    import warnings
+
+    import torch
+    from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
+
+    encoder = harness.encoder()
+    qconfig = {"per-tensor": default_dynamic_qconfig, "per-channel": per_channel_dynamic_qconfig}[scheme]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
+        quantize_dynamic(encoder.backbone.model, {torch.nn.Linear: qconfig}, dtype=torch.qint8, inplace=True)
+    return encoder
+
+
 def accuracy(args: Any) -> None:
-    """Each shipped memory's test split through the served path (EncoderRunner) at fp32 and at bf16."""
+    """Each shipped memory's test split through the served path (EncoderRunner) with the fp32 backbone and
+    with each cheaper precision: bf16 (the default) and int8 (the backbone's Linears, both weight scales)."""
     import torch
 
     from app.engine.runner import EncoderRunner, Row
@@ -262,56 +280,54 @@ def accuracy(args: Any) -> None:
 
     torch.set_num_threads(args.threads[0])
     report: dict[str, Any] = {"environment": harness.environment(threads=args.threads[0]), "tasks": []}
-    runners = {precision: EncoderRunner(harness.encoder(precision)) for precision in ("fp32", "bf16")}
-    tasks = report["tasks"]
-    for task, memory in harness.shipped_memories(runners["fp32"].encoder).items():
+    encoders = {p: int8_encoder(p[5:]) if p.startswith("int8") else harness.encoder(p) for p in PRECISIONS}
+    runners = {precision: EncoderRunner(encoder) for precision, encoder in encoders.items()}
+    for task, memory in harness.shipped_memories(encoders["fp32"]).items():
         dataset, config = str(memory.spec.training.get("dataset")), memory.spec.training.get("config") or {}
         data = load_named(dataset, Settings().cache_dir, seed=int(config.get("seed", 42)))
         examples = data.test[: 200 if args.smoke else None]
         gold = torch.tensor([memory.spec.labels.index(str(ex.label)) for ex in examples])
-        scores = {}
-        for precision, runner in runners.items():
-            chunks = [examples[i : i + 32] for i in range(0, len(examples), 32)]
-            rows = [
-                runner.run(runner.prepare([Row(memory, ex.text, ex.text_pair) for ex in c])) for c in chunks
-            ]
-            scores[precision] = torch.tensor([r.outputs for chunk in rows for r in chunk])
+        chunks = [
+            [Row(memory, ex.text, ex.text_pair) for ex in examples[i : i + 32]]
+            for i in range(0, len(examples), 32)
+        ]
+        scores = {
+            precision: torch.tensor([r.outputs for c in chunks for r in runner.run(runner.prepare(c))])
+            for precision, runner in runners.items()
+        }
         labels = {p: s.argmax(-1) for p, s in scores.items()}
         acc = {p: float((labels[p] == gold).float().mean()) for p in labels}
-        tasks.append({
-            "task": task, "dataset": dataset, "test_rows": len(examples),
-            "accuracy_fp32": acc["fp32"], "accuracy_bf16": acc["bf16"],
-            "accuracy_change_points": 100 * (acc["bf16"] - acc["fp32"]),
-            "label_agreement": float((labels["fp32"] == labels["bf16"]).float().mean()),
-            "max_score_difference": float((scores["fp32"] - scores["bf16"]).abs().max()),
-        })  # fmt: skip
-        print(json.dumps(tasks[-1]), flush=True)
+        variants = {
+            p: {"accuracy": acc[p], "accuracy_change_points": 100 * (acc[p] - acc["fp32"]),
+                "label_agreement": float((labels[p] == labels["fp32"]).float().mean()),
+                "max_score_difference": float((scores[p] - scores["fp32"]).abs().max())}
+            for p in PRECISIONS[1:]
+        }  # fmt: skip
+        row = {"task": task, "dataset": dataset, "test_rows": len(examples), "accuracy_fp32": acc["fp32"]}
+        report["tasks"].append({**row, "variants": variants})
+        print(json.dumps(report["tasks"][-1]), flush=True)
     report["command"] = harness.command_line("bench_engine.py")
     harness.finish(args.out, args.name.format(command="accuracy"), report, render_accuracy, smoke=args.smoke)
 
 
 def render_accuracy(report: dict[str, Any]) -> str:
     rows = [
-        (t["task"], t["test_rows"], f"{100 * t['accuracy_fp32']:.2f}", f"{100 * t['accuracy_bf16']:.2f}",
-         f"{t['accuracy_change_points']:+.2f}", f"{100 * t['label_agreement']:.2f}%",
-         f"{t['max_score_difference']:.4f}")
-        for t in report["tasks"]
+        (t["task"], t["test_rows"], f"{100 * t['accuracy_fp32']:.2f}", p, f"{100 * v['accuracy']:.2f}",
+         f"{v['accuracy_change_points']:+.2f}", f"{100 * v['label_agreement']:.2f}%",
+         f"{v['max_score_difference']:.4f}")
+        for t in report["tasks"] for p, v in t["variants"].items()
     ]  # fmt: skip
-    head = (
-        "task",
-        "test rows",
-        "accuracy fp32",
-        "accuracy bf16",
-        "change (points)",
-        "labels agree",
-        "max score diff",
-    )
+    head = ("task", "test rows", "accuracy fp32", "precision", "accuracy", "change (points)", "labels agree",
+            "max score diff")  # fmt: skip
     return "\n".join([
-        f"# Accuracy of the default precision (bf16) against fp32 ({report['environment']['date']})",
+        f"# Accuracy of the cheaper precisions against fp32 ({report['environment']['date']})",
         "",
         harness.header(report),
         "",
-        "The shipped memories' test splits through the served path (EncoderRunner), fp32 and bf16 backbones.",
+        "The shipped memories' test splits through the served path (EncoderRunner); bf16 = the default "
+        "precision, int8 = the backbone's Linear layers (torch dynamic quantisation, per-tensor or "
+        "per-channel "
+        "weight scales). Memories and heads stay float32.",
         "",
         *harness.table(head, rows),
     ]) + "\n"  # fmt: skip

@@ -113,10 +113,16 @@ def rotated_rounds(
 
 
 def alternate(
-    contenders: Mapping[str, Callable[[], object]], *, rounds: int, items_per_call: int, target_s: float = 0.5
+    contenders: Mapping[str, Callable[[], object]],
+    *,
+    rounds: int,
+    items_per_call: int,
+    target_s: float = 0.5,
+    calls: int | None = None,
 ) -> dict[str, list[float]]:
-    """Throughput (items/s) of each contender per round, in rotated rounds of calibrated timings."""
-    calls = calibrate(contenders, target_s)
+    """Throughput (items/s) of each contender per round, in rotated rounds of timings of `calls` calls
+    (by default calibrated to last about `target_s`)."""
+    calls = calls or calibrate(contenders, target_s)
     return rotated_rounds(
         list(contenders), rounds, lambda n: items_per_call / seconds_per_call(contenders[n], calls)
     )
