@@ -85,11 +85,13 @@ def load_texts(cache_dir: Path) -> tuple[list[str], str]:
 # ---------------------------------------------------------------------------------------- load generator
 
 
-async def measure_window(url: str, popularity: str, texts: list[str], args: Any) -> dict[str, Any]:
+async def measure_window(job: dict[str, Any]) -> dict[str, Any]:
     """A closed loop of single-input requests; throughput and latency over the window after the warm-up,
     and the mean rows and tasks per forward pass in it (from the server's batch histograms)."""
-    rng = random.Random(7)
-    weights = [1 / rank for rank in range(1, NUM_TASKS + 1)] if popularity == "zipf" else [1.0] * NUM_TASKS
+    url, warmup, duration = job["url"], job["warmup"], job["duration"]
+    texts, rng = json.loads(Path(job["texts"]).read_text()), random.Random(7)
+    zipf = job["popularity"] == "zipf"
+    weights = [1 / rank if zipf else 1.0 for rank in range(1, NUM_TASKS + 1)]
     before: dict[str, float] = {}
 
     async def send(client: httpx.AsyncClient, _k: int, _n: int) -> int:
@@ -97,12 +99,12 @@ async def measure_window(url: str, popularity: str, texts: list[str], args: Any)
         return (await client.post(f"/v1/tasks/{task}/predict", json={"inputs": [text]})).status_code
 
     async def mark_window_start() -> None:
-        await asyncio.sleep(args.warmup)
+        await asyncio.sleep(warmup)
         before.update(await asyncio.to_thread(harness.metric_values, url, BATCH_METRICS))
 
     start = time.monotonic()
-    window = (start + args.warmup, start + args.warmup + args.duration)
-    load = harness.closed_loop(url, args.concurrency, args.warmup + args.duration, send)
+    window = (start + warmup, start + warmup + duration)
+    load = harness.closed_loop(url, job["concurrency"], warmup + duration, send)
     records, _ = await asyncio.gather(load, mark_window_start())
     after = {k: v - before[k] for k, v in harness.metric_values(url, BATCH_METRICS).items()}
     # Throughput: answers completed in the window. Latency: requests sent and answered in the window
@@ -111,15 +113,15 @@ async def measure_window(url: str, popularity: str, texts: list[str], args: Any)
     latencies = [done - sent for sent, done, status in in_window if status == 200 and sent >= window[0]]
     statuses, passes = Counter(status for _, _, status in in_window), after["spartan_batch_size_count"]
     return {
-        "throughput_rps": statuses[200] / args.duration,
+        "throughput_rps": statuses[200] / duration,
         "p50_ms": harness.percentile(latencies, 50) * 1000,
         "p99_ms": harness.percentile(latencies, 99) * 1000,
         "requests": sum(statuses.values()),
         "statuses": {str(k): v for k, v in statuses.items()},
         "mean_rows_per_pass": after["spartan_batch_size_sum"] / passes if passes else 0.0,
         "mean_tasks_per_pass": after["spartan_batch_tasks_sum"] / passes if passes else 0.0,
-        "concurrency": args.concurrency,
-        "window_s": args.duration,
+        "concurrency": job["concurrency"],
+        "window_s": duration,
     }
 
 
@@ -128,11 +130,9 @@ def run_loadgen(
 ) -> Any:
     """The load generator in its own process, so that it shares no GIL with anything; the CPU seconds of
     the server and of the load generator over the run."""
-    command = [
-        sys.executable, __file__, "loadgen", "--url", server.url, "--popularity", popularity,
-        "--texts", str(texts), "--concurrency", str(config.concurrency), "--warmup", str(config.warmup_s),
-        "--duration", str(seconds),
-    ]  # fmt: skip
+    job = {"url": server.url, "popularity": popularity, "texts": str(texts), "warmup": config.warmup_s,
+           "concurrency": config.concurrency, "duration": seconds}  # fmt: skip
+    command = [sys.executable, __file__, "--loadgen", json.dumps(job)]
     server_cpu, loadgen_cpu = harness.cpu_seconds(server.pid), children_cpu_seconds()
     result: dict[str, Any] = harness.run_child(command, timeout_s=600)
     result["popularity"] = popularity
@@ -515,23 +515,15 @@ def run(args: Any) -> dict[str, Any]:
 
 def main() -> None:
     cli = harness.parser(__doc__, threads=None)
-    cli.add_argument("loadgen", nargs="?", choices=["loadgen"], help="(internal) the load generator process")
+    cli.add_argument("--loadgen", help="(internal) a load generator process for this JSON job")
     cli.add_argument("--threads", type=int, default=None, help="torch threads (default: CPUs - 1)")
     cli.add_argument("--report-only", action="store_true", help="redo report and plot from OUT's JSON")
     ab = "A/B: also the Zipf load against the server of the checkout in DIR (a worktree of an older commit)"
     cli.add_argument("--baseline-root", type=Path, default=None, help=ab)
     cli.add_argument("--ab-rounds", type=int, default=3, help="A/B rounds (one window per build each)")
-    for flag in ("--url", "--popularity", "--texts", "--concurrency", "--warmup", "--duration"):
-        cli.add_argument(flag, help="(loadgen)")
     args = cli.parse_args()
     if args.loadgen:
-        args.concurrency, args.warmup, args.duration = (
-            int(args.concurrency),
-            float(args.warmup),
-            float(args.duration),
-        )
-        texts = json.loads(Path(args.texts).read_text())
-        print(json.dumps(asyncio.run(measure_window(args.url, args.popularity, texts, args))))
+        print(json.dumps(asyncio.run(measure_window(json.loads(args.loadgen)))))
         return
     if args.report_only:
         results = json.loads((args.out / "service_load.json").read_text())

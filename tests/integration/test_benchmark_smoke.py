@@ -29,4 +29,3 @@ def test_memory_layer_against_the_reference_smoke(repo_root, tmp_path):
     expanded, sparse = rows[(top, "expanded", "train")], rows[(top, "sparse", "train")]
     assert expanded["peak_mib"] >= gradient_mib, (expanded, gradient_mib)
     assert sparse["peak_mib"] < expanded["peak_mib"] / 4, (sparse, expanded)
-
