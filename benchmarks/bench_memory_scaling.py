@@ -322,8 +322,9 @@ def render(report: dict[str, Any]) -> str:
         harness.header(report),
         "",
         f"k = {TOP_K}, C = {report['children']}, H = {report['hidden']}, T = {TEMPERATURE}, E = M / C; "
-        f"shapes {report['shapes']}; DENSE_MAX_CELLS = {report['dense_max_cells']:,}. Median over "
-        f"{report['rounds']} rounds [min, max]; load average after each round {report['load_per_round']}. "
+        f"shapes {'; '.join(report['shapes'].values())}; DENSE_MAX_CELLS = {report['dense_max_cells']:,}. "
+        f"Median over {report['rounds']} rounds [min, max]; load average after each round "
+        f"{', '.join(f'{a:.1f}' for a in report['load_per_round'])}. "
         "Method: the script's docstring (`python benchmarks/bench_memory_scaling.py --help`).",
         "",
         f"![time and peak memory vs M]({report['name']}.png)",
@@ -414,9 +415,13 @@ def main() -> None:
         for k in sorted(cases, key=lambda k: (args.shapes.index(k[0]), PATHS.index(k[2]), k[3], k[1]))
     ]  # fmt: skip
     expanded_train = "expanded" in args.paths and "batch" in args.shapes
+    sizes = {s: (SMOKE_SHAPES if args.smoke else SHAPES)[s] for s in args.shapes}
+    report["shapes"] = {
+        s: f"{s} = {b} x {n} = {b * n:,} tokens ({', '.join(m)})" for s, (b, n, m) in sizes.items()
+    }
     report.update(
         cells=cells, children=args.children, hidden=args.hidden, top_k=TOP_K, goal_ratio=GOAL, rounds=rounds,
-        dense_max_cells=L.DENSE_MAX_CELLS, load_per_round=loads, shapes=args.shapes, rows=rows,
+        dense_max_cells=L.DENSE_MAX_CELLS, load_per_round=loads, rows=rows,
         summary=summarize(rows, L.DENSE_MAX_CELLS),
         not_run=[m for m in cells if expanded_train and ("batch", m, "expanded", "train") not in cases],
     )  # fmt: skip

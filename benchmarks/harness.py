@@ -463,12 +463,6 @@ class ServeProcess(Process):
 
         wait_until(ready, timeout_s, f"server at {self.url} ({self.root}) ready")
 
-    def __enter__(self: _Serve) -> _Serve:
-        return self.start_ready()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
 
 def serve_store(
     store: Path,
