@@ -254,18 +254,9 @@ def render_speed(report: dict[str, Any]) -> str:
 
 
 def int8_encoder(scheme: str) -> Any:
-    """The service's fp32 encoder with every backbone Linear int8 (torch dynamic quantisation; per-tensor
-    weight scales as `quantize_dynamic(model, {nn.Linear})` gives, or one scale per output row)."""
-    import warnings
-
-    import torch
-    from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
-
+    """The service's fp32 encoder with every backbone Linear int8 (`scheme`: per-tensor, per-channel)."""
     encoder = harness.encoder()
-    qconfig = {"per-tensor": default_dynamic_qconfig, "per-channel": per_channel_dynamic_qconfig}[scheme]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
-        quantize_dynamic(encoder.backbone.model, {torch.nn.Linear: qconfig}, dtype=torch.qint8, inplace=True)
+    harness.int8_backbone(encoder.backbone.model, scheme)
     return encoder
 
 

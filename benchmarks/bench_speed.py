@@ -36,7 +36,6 @@ from __future__ import annotations
 import gc
 import statistics
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -68,51 +67,6 @@ def build_contenders(backbone: str, names: list[str]) -> tuple[dict[str, Built],
     return built, missing
 
 
-def quantize_backbone(root: nn.Module, names: list[str], scheme: str) -> dict[str, Any]:
-    """int8 dynamic quantisation of the backbone Linear layers `names` (found in `root`, the backbone
-    model inside a contender), leaving every per-task module in float32:
-    - a plain nn.Linear: quantised;
-    - PEFT's LoRA wrapper (has `base_layer`): the base_layer is quantised, lora_A/lora_B stay float32;
-    - `adapters`' LoRALinear with no LoRA in it: replaced by a plain Linear with the same weights, then
-      quantised (its per-call adapter dispatch goes away with it);
-    - anything else: skipped and listed."""
-    from torch.ao.nn.quantized import dynamic as nnqd
-    from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
-
-    qconfig = {"per-tensor": default_dynamic_qconfig, "per-channel": per_channel_dynamic_qconfig}[scheme]
-    targets, how, skipped = [], {}, {}
-    for name in names:
-        module = root.get_submodule(name)
-        empty_lora = type(module).__module__.startswith("adapters.") and not getattr(
-            module, "loras", {"?": 1}
-        )
-        if type(module) is nn.Linear:
-            targets.append(name)
-            kind = "plain Linear"
-        elif type(getattr(module, "base_layer", None)) is nn.Linear:
-            targets.append(f"{name}.base_layer")
-            kind = "PEFT base_layer (LoRA A/B stay float32)"
-        elif isinstance(module, nn.Linear) and empty_lora and not getattr(module, "fan_in_fan_out", False):
-            plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-            plain.weight, plain.bias = module.weight, module.bias
-            parent, _, attr = name.rpartition(".")
-            setattr(root.get_submodule(parent) if parent else root, attr, plain)
-            targets.append(name)
-            kind = "adapters LoRALinear without LoRA -> plain Linear"
-        else:
-            skipped[name] = type(module).__name__
-            continue
-        how[kind] = how.get(kind, 0) + 1
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
-        quantize_dynamic(root, qconfig_spec=dict.fromkeys(targets, qconfig), dtype=torch.qint8, inplace=True)
-    return {
-        "backbone_linears": len(names), "scheme": scheme, "how": how, "skipped": skipped,
-        "quantized": sum(isinstance(m, nnqd.Linear) for m in root.modules()),
-        "backbone_float_linears_left": sum(type(m) is nn.Linear for m in root.modules()),
-    }  # fmt: skip
-
-
 def pooled_output(model: TaskModel, encoding: dict[str, torch.Tensor]) -> torch.Tensor:
     """The pooled final hidden state the head sees (the bare model returns it directly)."""
     head = getattr(getattr(model, "memory", None), "head", None) or getattr(model, "head", None)
@@ -138,7 +92,7 @@ def quantize_contenders(
     for name, one in built.items():
         with torch.inference_mode():
             before = pooled_output(one.model, probe).float()
-        info = quantize_backbone(one.backbone.model, names, scheme)
+        info = harness.int8_backbone(one.backbone.model, scheme, names)
         with torch.inference_mode():
             cosine = torch.nn.functional.cosine_similarity(
                 before, pooled_output(one.model, probe).float(), dim=-1

@@ -347,6 +347,57 @@ def fresh_memory(
     return memory.eval()
 
 
+def int8_backbone(root: Any, scheme: str, names: Sequence[str] | None = None) -> dict[str, Any]:
+    """int8 dynamic quantisation (torch's, in place) of the backbone Linear layers `names` (found in
+    `root`, the backbone model, by default all its plain Linears), per-tensor weight scales as
+    `quantize_dynamic(model, {nn.Linear})` gives or per-channel (one per output row); every per-task
+    module a peer adds stays float32:
+    - a plain nn.Linear: quantised;
+    - PEFT's LoRA wrapper (has `base_layer`): the base_layer is quantised, lora_A/lora_B stay float32;
+    - `adapters`' LoRALinear with no LoRA in it: replaced by a plain Linear with the same weights, then
+      quantised (its per-call adapter dispatch goes away with it);
+    - anything else: skipped and listed."""
+    import warnings
+
+    import torch
+    from torch import nn
+    from torch.ao.nn.quantized import dynamic as nnqd
+    from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
+
+    names = names or [name for name, module in root.named_modules() if type(module) is nn.Linear]
+    qconfig = {"per-tensor": default_dynamic_qconfig, "per-channel": per_channel_dynamic_qconfig}[scheme]
+    targets, how, skipped = [], {}, {}
+    for name in names:
+        module = root.get_submodule(name)
+        # `adapters` wraps every Linear in a LoRALinear; with bottleneck adapters only, it holds no LoRA
+        empty_lora = type(module).__module__.startswith("adapters.") and not getattr(module, "loras", True)
+        if type(module) is nn.Linear:
+            targets.append(name)
+            kind = "plain Linear"
+        elif type(getattr(module, "base_layer", None)) is nn.Linear:
+            targets.append(f"{name}.base_layer")
+            kind = "PEFT base_layer (LoRA A/B stay float32)"
+        elif isinstance(module, nn.Linear) and empty_lora and not getattr(module, "fan_in_fan_out", False):
+            plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            plain.weight, plain.bias = module.weight, module.bias
+            parent, _, attr = name.rpartition(".")
+            setattr(root.get_submodule(parent) if parent else root, attr, plain)
+            targets.append(name)
+            kind = "adapters LoRALinear without LoRA -> plain Linear"
+        else:
+            skipped[name] = type(module).__name__
+            continue
+        how[kind] = how.get(kind, 0) + 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
+        quantize_dynamic(root, qconfig_spec=dict.fromkeys(targets, qconfig), dtype=torch.qint8, inplace=True)
+    return {
+        "backbone_linears": len(names), "scheme": scheme, "how": how, "skipped": skipped,
+        "quantized": sum(isinstance(m, nnqd.Linear) for m in root.modules()),
+        "backbone_float_linears_left": sum(type(m) is nn.Linear for m in root.modules()),
+    }  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------- processes
 
 
