@@ -12,10 +12,14 @@ PEERS_STAMP := $(PEERS)/.installed-$(shell cat pyproject.toml benchmarks/require
 # The other CPU runtimes for the engine benchmark (ONNX Runtime, OpenVINO): benchmarks/requirements-runtimes.txt
 RUNTIMES ?= .venv-runtimes
 RUNTIMES_STAMP := $(RUNTIMES)/.installed-$(shell cat pyproject.toml benchmarks/requirements-runtimes.txt | sha256sum | cut -c1-16)
+# infinity-emb (torch and ONNX engines) for the service comparison: benchmarks/requirements-infinity.txt.
+# Benchmark-only and not needed by `make test`; spartan-serve is not installed in it.
+INFINITY ?= .venv-infinity
+INFINITY_STAMP := $(INFINITY)/.installed-$(shell sha256sum benchmarks/requirements-infinity.txt | cut -c1-16)
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: setup assets run test lint unit bench peers-env runtimes-env system-deps help
+.PHONY: setup assets run test lint unit bench peers-env runtimes-env infinity-env system-deps help
 
 help:
 	@echo "make run    set up .venv, fetch the offline assets, serve memories/ on http://$(HOST):$(PORT)"
@@ -23,6 +27,7 @@ help:
 	@echo "make bench  run the benchmarks (results go to docs/)"
 	@echo "make peers-env  the peer-comparison environment ($(PEERS): transformers 4.57.6, adapters, PEFT)"
 	@echo "make runtimes-env  ONNX Runtime and OpenVINO for the engine benchmark ($(RUNTIMES))"
+	@echo "make infinity-env  infinity-emb for the service comparison ($(INFINITY); not needed by make test)"
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -45,6 +50,14 @@ $(RUNTIMES_STAMP): pyproject.toml benchmarks/requirements-runtimes.txt
 	touch $@
 
 runtimes-env: $(RUNTIMES_STAMP)
+
+$(INFINITY_STAMP): benchmarks/requirements-infinity.txt
+	python3 -m venv $(INFINITY)
+	$(INFINITY)/bin/python -m pip install --quiet --disable-pip-version-check -r benchmarks/requirements-infinity.txt
+	rm -f $(INFINITY)/.installed-*
+	touch $@
+
+infinity-env: $(INFINITY_STAMP)
 
 setup: $(STAMP) assets
 

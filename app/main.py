@@ -8,10 +8,8 @@ model and the registry are process state; several workers would each load their 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import gc
 import logging
-import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -32,13 +30,14 @@ from app.engine.routing_tally import RoutingTally
 from app.engine.runner import EncoderRunner
 from app.metrics import Metrics, package_version
 from app.registry.factory import open_store
-from app.registry.registry import Registry
+from app.registry.registry import Registry, RegistryConfig
 from app.settings import Settings
+from app.threads import started_pool
 
 log = logging.getLogger(__name__)
 
 # Threads of the loop's default executor: uploads, deletes and listings run their registry calls there
-# (predictions never do: they go to the batcher, and cold loads to the predictor's loader thread).
+# (predictions never do: they go to the batcher, and cold loads to the registry's loader threads).
 ADMIN_THREADS = 4
 # How long a starting replica waits for its memory store (an S3 server starting beside it) to answer.
 STORE_START_TIMEOUT_S = 60.0
@@ -99,28 +98,13 @@ def create_app(settings: Settings | None = None, *, encoder: SpartanEncoder | No
     return app
 
 
-def started_pool(workers: int, name: str) -> concurrent.futures.ThreadPoolExecutor:
-    """A thread pool whose threads all exist from the start: a pool that grows on demand looks, over a
-    long run, exactly like a thread leak (and pays thread creation on the first busy moment)."""
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
-    barrier = threading.Barrier(workers)
-    for future in [pool.submit(barrier.wait) for _ in range(workers)]:
-        future.result()
-    return pool
-
-
 def build_services(settings: Settings, metrics: Metrics, encoder: SpartanEncoder | None) -> Services:
     if encoder is None:
         precision = resolve_precision(settings.precision)
         encoder = SpartanEncoder(load_backbone(settings.backbone, settings.cache_dir, precision=precision))
     metrics.set_build_info(encoder.backbone.name, encoder.backbone.fingerprint)
     registry = Registry(
-        open_store(settings),
-        encoder.identity(),
-        max_loaded=settings.max_loaded_memories,
-        max_loaded_bytes=settings.max_loaded_bytes,
-        pinned=settings.pinned_tasks,
-        metrics=metrics,
+        open_store(settings), encoder.identity(), RegistryConfig.from_settings(settings), metrics=metrics
     )
     routing_tally = RoutingTally() if settings.routing_stats else None
     if routing_tally is not None:  # before any load, so that every installed memory is announced
@@ -155,7 +139,7 @@ def build_services(settings: Settings, metrics: Metrics, encoder: SpartanEncoder
 def shutdown(services: Services, *, close_encoder: bool) -> None:
     services.registry.stop_polling()
     services.batcher.stop()
-    services.predictor.close()
+    services.registry.close()  # the cold-load threads, once loads under way are done
     if close_encoder:
         services.encoder.close()
 

@@ -23,9 +23,9 @@ _LOAD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2
 
 
 class TaskLabels:
-    """Maps task names to a bounded set of label values (thread-safe)."""
+    """Maps task names to a bounded set of label values (thread-safe); None: every task its own."""
 
-    def __init__(self, max_labels: int) -> None:
+    def __init__(self, max_labels: int | None) -> None:
         self._max = max_labels
         self._known: set[str] = set()
         self._lock = threading.Lock()
@@ -36,7 +36,7 @@ class TaskLabels:
         with self._lock:
             if task in self._known:
                 return task
-            if len(self._known) < self._max:
+            if self._max is None or len(self._known) < self._max:
                 self._known.add(task)
                 return task
         return OTHER_TASKS
@@ -50,9 +50,12 @@ def package_version() -> str:
 
 
 class Metrics:
-    """The service's metrics; every component receives this object instead of global collectors."""
+    """The service's metrics; every component receives this object instead of global collectors.
 
-    def __init__(self, max_task_labels: int = 100) -> None:
+    The service bounds the `task` label with its setting (metrics_max_task_labels); without a bound
+    (tests, tools) every task gets its own label."""
+
+    def __init__(self, max_task_labels: int | None = None) -> None:
         self.registry = CollectorRegistry()
         self.task_label = TaskLabels(max_task_labels)
         r = self.registry

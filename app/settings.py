@@ -6,7 +6,7 @@ Deep modules never read the environment: they receive the values they need as ar
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from platformdirs import user_cache_dir
 from pydantic import Field, SecretStr, model_validator
@@ -172,6 +172,14 @@ class Settings(BaseSettings):
         description="LRU capacity: most bytes of task memories resident at once (parameters and the "
         "copies their layers cache for inference).",
     )
+    cold_load_threads: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description="Threads that load cold tasks (read, validate, build their memories): a slow load of "
+        "one task leaves the others to the rest; one load per task at a time whatever the requests. Each "
+        "thread keeps its own malloc arena: 1 keeps the heap most compact.",
+    )
     pinned_tasks: list[str] = Field(
         default_factory=list,
         description="Tasks loaded at start and never evicted (env: JSON list, e.g. '[\"sentiment\"]').",
@@ -285,3 +293,9 @@ class Settings(BaseSettings):
                 f"({self.max_queue_rows})"
             )
         return self
+
+
+def setting_default(name: str) -> Any:
+    """The default a Settings field declares (never the environment): for the config objects built
+    from Settings, so that their own defaults are these and are written only here."""
+    return Settings.model_fields[name].get_default(call_default_factory=True)

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from app.engine.inputs import TextInput
 from app.engine.predictor import PredictionResult
 from app.engine.routing_tally import RoutingSnapshot
-from app.registry.registry import TaskInfo
+from app.registry.records import TaskInfo
 from app.spartan.routing_stats import (
     label_entropy_bits,
     mutual_information_ceiling_bits,

@@ -21,7 +21,8 @@ from app.api.schemas import ErrorBody, RoutingOut, TaskList, TaskOut
 from app.api.uploads import UploadBudget, declared_size
 from app.engine.routing_tally import RoutingSnapshot, RoutingTally
 from app.errors import RoutingStatsDisabled, TaskUnavailable
-from app.registry.registry import PutResult, TaskInfo, release_freed_memory
+from app.registry.memtrim import release_freed_memory
+from app.registry.records import PutResult, TaskInfo
 from app.settings import Settings
 
 

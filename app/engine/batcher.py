@@ -2,8 +2,11 @@
 
 * Requests arrive from the event loop (`submit`) with their memory already resolved, so a hot swap
   never changes a request in flight: the rows carry the memory object itself.
-* The worker takes whole requests, oldest first, up to `max_batch_size` rows; it waits at most
-  `max_wait_s` after the oldest request arrived for a batch to fill.
+* The worker takes whole requests up to `max_batch_size` rows, fair by task: each batch starts with
+  the oldest request of the task served longest ago, then fills with the oldest requests that fit,
+  so a small request of one task waits for at most one batch per other busy task, never behind a
+  queue of another task's huge ones. It waits at most `max_wait_s` after the oldest request arrived
+  for a batch to fill.
 * Rows of one batch are sorted by token length and cut into forward passes where that saves more
   padding than a pass costs (`plan_passes`).
 * A failing pass fails only the requests with rows in it, and a row that fails on its own (the
@@ -45,6 +48,12 @@ _SPECIAL_TOKENS = 3
 # The pace (seconds per padded token) assumed until the first batches are measured: MiniLM fp32 on
 # 2 cores; the moving average replaces it within a few batches.
 _INITIAL_SECONDS_PER_TOKEN = 2e-4
+# The pace is learnt only from batches at least this large: a batch of a few short rows costs mostly its
+# fixed overhead (~10 ms), and counting that per token would overestimate long requests' work by 10x or
+# more and refuse work the queue could finish in time.
+_MIN_TOKENS_FOR_PACE = 1024
+# Fair share: tasks remembered with their last turn before idle ones are dropped.
+_TURN_TABLE_SIZE = 1024
 
 
 def estimated_tokens(inputs: Sequence[TextInput], max_length: int) -> int:
@@ -173,6 +182,8 @@ class Batcher:
         self.config = config
         self.metrics = metrics or Metrics()
         self._queue: deque[QueuedRequest] = deque()
+        self._round = 0  # batches popped so far
+        self._last_turn: dict[str, int] = {}  # task -> the round it last had rows in a batch
         self._queued_rows = 0
         self._queued_tokens = 0
         self._seconds_per_token = _INITIAL_SECONDS_PER_TOKEN  # moving average, for admission
@@ -333,21 +344,52 @@ class Batcher:
         return batch
 
     def _pop_batch(self) -> list[QueuedRequest]:
-        """Whole requests from the head, up to max_batch_size rows (a larger first request runs alone)."""
-        batch: list[QueuedRequest] = []
+        """Up to max_batch_size rows of whole requests (a larger request runs alone), fair by task.
+
+        The batch starts with the oldest request of the task served longest ago, so one task's huge
+        requests cannot starve another task's small ones: each task with work queued gets a turn in
+        every round of batches. The batch then fills with the oldest requests that fit, of any task.
+        """
+        head = self._fair_head()
+        order = [head, *(i for i in range(len(self._queue)) if i != head)]
+        taken: set[int] = set()
         rows = 0
-        now = time.monotonic()
-        while self._queue:
-            request = self._queue[0]
-            if batch and rows + request.rows > self.config.max_batch_size:
+        for index in order:
+            request = self._queue[index]
+            if taken and rows + request.rows > self.config.max_batch_size:
+                continue
+            taken.add(index)
+            rows += request.rows
+            if rows >= self.config.max_batch_size:
                 break
-            self._queue.popleft()
+        chosen = [self._queue[i] for i in sorted(taken, key=order.index)]
+        self._queue = deque(r for i, r in enumerate(self._queue) if i not in taken)
+        self._round += 1
+        batch: list[QueuedRequest] = []
+        now = time.monotonic()
+        for request in chosen:
             self._queued_rows -= request.rows
             self._queued_tokens -= request.cost_tokens
+            self._last_turn[request.task] = self._round
             if self._claim(request, now):
                 batch.append(request)
-                rows += request.rows
+        self._forget_idle_tasks()
         return batch
+
+    def _fair_head(self) -> int:
+        """The queue position of the oldest request of the task whose last turn is longest ago."""
+        best, best_turn = 0, None
+        for index, request in enumerate(self._queue):
+            turn = self._last_turn.get(request.task, 0)
+            if best_turn is None or turn < best_turn:
+                best, best_turn = index, turn
+        return best
+
+    def _forget_idle_tasks(self) -> None:
+        # Turns matter only between tasks with work queued; drop the rest so the table stays small.
+        if len(self._last_turn) > _TURN_TABLE_SIZE:
+            queued = {request.task for request in self._queue}
+            self._last_turn = {t: n for t, n in self._last_turn.items() if t in queued}
 
     @staticmethod
     def _claim(request: QueuedRequest, now: float) -> bool:
@@ -376,7 +418,7 @@ class Batcher:
         seconds = time.monotonic() - started
         self._batch_seconds = 0.9 * self._batch_seconds + 0.1 * seconds
         padded_tokens = sum(p.rows * p.padded_length for p in passes)
-        if padded_tokens > 0:
+        if padded_tokens >= _MIN_TOKENS_FOR_PACE:
             self._seconds_per_token = 0.8 * self._seconds_per_token + 0.2 * seconds / padded_tokens
         self._publish(batch, outcomes, passes, seconds)
 

@@ -27,7 +27,7 @@ class MemoryResolver(Protocol):
 
     def resolve_loaded(self, task: str) -> TaskMemory | None: ...
 
-    def resolve(self, task: str) -> TaskMemory: ...
+    def resolve_in_background(self, task: str) -> concurrent.futures.Future[TaskMemory]: ...
 
     def record_request(self, task: str, outcome: str) -> None: ...
 
@@ -74,16 +74,6 @@ class Predictor:
         self.batcher = batcher
         self.metrics = metrics
         self.limits = limits
-        # Cold loads run on one dedicated thread. Each thread that loads keeps its own malloc arena
-        # with the loads' freed buffers; with one loader, RSS stays within ~1.1x of the resident
-        # memories (1.23x with two; measured with 400 tasks). A load takes 10-30 ms, so one thread
-        # still loads dozens of cold tasks per second; a load is CPU-bound, more threads gain little.
-        self._loader = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="spartan-loader"
-        )
-
-    def close(self) -> None:
-        self._loader.shutdown(wait=True, cancel_futures=True)
 
     async def predict(
         self,
@@ -125,10 +115,11 @@ class Predictor:
             return memory
         # A cold task is read and validated from the store: off the event loop, and within the
         # request's deadline (a slow store must not hold the request past it; the load itself goes on
-        # and serves the next request).
-        load = asyncio.get_running_loop().run_in_executor(self._loader, self.resolver.resolve, task)
+        # and serves the next request). The load is shared with every request for the task: shielded,
+        # so that this request's timeout never cancels it for the others.
+        load = asyncio.wrap_future(self.resolver.resolve_in_background(task))
         try:
-            return await asyncio.wait_for(load, timeout_s)
+            return await asyncio.wait_for(asyncio.shield(load), timeout_s)
         except TimeoutError:
             raise RequestTimeout(
                 f"task {task!r}: its memory did not load within {timeout_s:g}s (the store is slow); "

@@ -1,1 +1,1 @@
-"""Task name -> task memory: the store interface, the local-folder store and the registry."""
+"""Task name -> task memory: the store interface and its stores, and the registry with its parts."""

@@ -397,3 +397,68 @@ def test_a_request_that_expires_while_queued_is_refused_not_run() -> None:
     finally:
         batcher.stop()
     assert ["too late"] not in runner.seen  # it never reached a forward pass
+
+
+def test_a_small_request_of_one_task_is_not_queued_behind_another_tasks_huge_ones() -> None:
+    """Fair share by task: with three full-batch requests of task a queued first, the one-row request
+    of task b runs in the very next batch, not after them (oldest-first order would run it fourth)."""
+    runner = FakeRunner(hold=True)
+    batcher, records = make_batcher(runner, max_batch_size=8, max_wait_s=0.0)
+    task_a, task_b = tiny_task(1), tiny_task(2)
+    try:
+        held = batcher.enqueue("a", task_a, inputs("hold"))
+        assert runner.entered.wait(5)
+        huge = [batcher.enqueue("a", task_a, inputs(*["x y z"] * 8)) for _ in range(3)]
+        small = batcher.enqueue("b", task_b, inputs("lost card"))
+        runner.release()
+        for request in [held, *huge, small]:
+            request.future.result(5)
+    finally:
+        batcher.stop()
+    assert [record.tasks for record in records] == [("a",), ("b",), ("a",), ("a",), ("a",)], records
+    assert [record.rows for record in records] == [1, 1, 8, 8, 8]
+
+
+def test_fair_share_takes_turns_between_busy_tasks_and_fills_batches() -> None:
+    """Two tasks with queued work alternate at the head of batches; each batch still fills up with the
+    oldest requests that fit, of any task."""
+    runner = FakeRunner(hold=True)
+    batcher, records = make_batcher(runner, max_batch_size=4, max_wait_s=0.0)
+    task_a, task_b = tiny_task(1), tiny_task(2)
+    try:
+        held = batcher.enqueue("c", tiny_task(3), inputs("hold"))
+        assert runner.entered.wait(5)
+        queued = [batcher.enqueue("a", task_a, inputs(*["x"] * 3)) for _ in range(3)]
+        queued += [batcher.enqueue("b", task_b, inputs("y")) for _ in range(3)]
+        runner.release()
+        for request in [held, *queued]:
+            request.future.result(5)
+    finally:
+        batcher.stop()
+    # Each batch: a's oldest (3 rows) leads, and b's oldest (1 row) fills it up to 4; both had the last
+    # turn, so the tie goes to the oldest request, a's next one, with b's next one; and so on.
+    assert [record.rows for record in records] == [1, 4, 4, 4], records
+    assert all(set(record.tasks) == {"a", "b"} for record in records[1:]), records
+
+
+def test_the_pace_is_learnt_from_batches_with_real_work_not_from_tiny_ones() -> None:
+    """Tiny batches cost their fixed overhead; counted per token they would make a long request look
+    100x more expensive than it is and refuse work the queue can finish in time."""
+    runner = FakeRunner(delay_s=0.02)
+    batcher, _ = make_batcher(runner, max_wait_s=0.0, max_queue_work_s=1.0)
+    memory = tiny_task(1)
+    long_texts = inputs(*["word " * 2000] * 20)  # 2,560 tokens: 0.5 s at the initial 2e-4 s/token
+    try:
+        for _ in range(10):  # ten one-token batches of 20 ms: 0.02 s per token if they counted
+            batcher.enqueue("a", memory, inputs("tiny")).future.result(5)
+        runner.delay_s, runner._gate = 0.0, threading.Event()  # hold the next pass
+        runner.entered.clear()
+        batcher.enqueue("a", memory, inputs("hold"))
+        assert runner.entered.wait(5)
+        batcher.enqueue("a", memory, inputs("queued"))  # the queue is not empty: the budget applies
+        accepted = batcher.enqueue("a", memory, long_texts)
+        runner.release()
+        assert len(accepted.future.result(5).rows) == 20
+    finally:
+        runner.release()
+        batcher.stop()

@@ -29,8 +29,10 @@ from app.errors import (
 )
 from app.metrics import Metrics
 from app.registry.names import validate_task_name
-from app.registry.registry import Registry, check_replace, memory_nbytes
+from app.registry.records import check_replace, memory_nbytes
+from app.registry.registry import Registry, RegistryConfig
 from app.registry.store import LocalFolderStore
+from app.settings import Settings
 from app.spartan.memfile import BackboneIdentity, load_memory, memory_tensors, memory_to_bytes, spec_metadata
 from app.spartan.memory import MemorySpec, TaskMemory
 
@@ -84,7 +86,7 @@ def folder(tmp_path: Path) -> Path:
 
 
 def make_registry(folder: Path, **kwargs) -> Registry:
-    registry = Registry(LocalFolderStore(folder), IDENTITY, metrics=Metrics(), **kwargs)
+    registry = Registry(LocalFolderStore(folder), IDENTITY, RegistryConfig(**kwargs), metrics=Metrics())
     registry.refresh()
     return registry
 
@@ -531,3 +533,14 @@ def test_an_upload_trained_with_another_pooling_is_refused_with_422(folder: Path
         registry.put("alpha", memory_to_bytes(TaskMemory(spec)))
     assert status_for(caught.value) == 422
     assert not folder.exists() or store_files(folder) == []  # nothing was written
+
+
+def test_the_config_comes_from_the_settings_and_its_defaults_are_theirs(folder: Path) -> None:
+    settings = Settings(max_loaded_memories=3, max_loaded_bytes=1000, pinned_tasks=["a"], cold_load_threads=2)
+    assert RegistryConfig.from_settings(settings) == RegistryConfig(3, 1000, ("a",), 2)
+    defaults = Settings.model_construct()  # the declared defaults, whatever the environment says
+    assert RegistryConfig() == RegistryConfig(
+        defaults.max_loaded_memories, defaults.max_loaded_bytes, (), defaults.cold_load_threads
+    )
+    registry = Registry(LocalFolderStore(folder), IDENTITY, RegistryConfig.from_settings(settings))
+    assert (registry.max_loaded, registry.max_loaded_bytes) == (3, 1000)
