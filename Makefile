@@ -88,6 +88,8 @@ test: setup peers-env runtimes-env system-deps lint
 	$(PY) -m pytest
 
 bench: setup
-	$(PY) benchmarks/bench_memory_layer.py
-	$(PY) benchmarks/bench_encoder_overhead.py
+	$(PY) benchmarks/bench_memory_scaling.py --children 3 --cells 48 4096 --shapes batch \
+	  --paths expanded dense sparse auto --name bench_memory_layer
+	$(PY) benchmarks/bench_engine.py speed --runtimes torch:fp32 --threads 2 --cells 1x128 32x128 --rounds 9 \
+	  --out docs --name bench_encoder_overhead
 	$(PY) benchmarks/bench_routing.py

@@ -14,10 +14,8 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
-import shutil
 import sys
 import tempfile
 import threading
@@ -28,12 +26,9 @@ from typing import Any
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks import harness  # noqa: E402
-from benchmarks.bench_service_load import Config, start_server  # noqa: E402
-from benchmarks.harness import percentile  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import harness
+from benchmarks.harness import percentile
 
 WORDS = ["the", "service", "keeps", "one", "frozen", "backbone", "and", "a", "memory", "per", "task"]
 BIG_TASK, SMALL_TASK = "bbc-news", "banking77"
@@ -102,7 +97,7 @@ def big_memory(parents: int) -> bytes:
     from app.spartan.memfile import load_memory, memory_to_bytes
     from app.spartan.memory import TaskMemory
 
-    shipped = load_memory((ROOT / "memories" / f"{SMALL_TASK}.safetensors").read_bytes())
+    shipped = load_memory((harness.MEMORIES / f"{SMALL_TASK}.safetensors").read_bytes())
     grown = TaskMemory(dataclasses.replace(shipped.spec, num_parents=parents))
     grown.layernorms = shipped.layernorms
     grown.head.load_state_dict(shipped.head.state_dict())
@@ -157,63 +152,60 @@ def uploads(server: harness.ServeProcess, data: bytes, count: int, retry: bool) 
 
 
 def markdown(report: dict[str, Any]) -> str:
-    lines = [
-        "# One client against the others: huge requests and large-upload bursts", "",
-        f"{report['date']}, {report['cpu']} ({report['cpu_count']} cores); command: `{report['command']}`. "
-        "One `spartan serve` (2 torch threads, default limits: 30 s deadline, queue work budget 10 s, "
-        "128 MiB of uploads in flight); the load generator runs beside it on the same machine.", "",
-        f"## Huge requests ({report['shape']}) beside one-row requests of another task", "",
-        "| round | huge: outcomes | 429 latency median [min, max] | served huge: slowest | small: outcomes "
-        "| small p50 / p99 / max |", "|---|---|---|---|---|---|",
+    huge = [
+        (n, r["big"], harness.fmt_spread(r["big_refused_ms"] or None, 0), f"{r['big_served_max_s']:.1f} s",
+         r["small"], " / ".join(f"{r['small_ms'][k]:.0f}" for k in ("median", "p99", "max")) + " ms")
+        for n, r in enumerate(report["huge"], 1)
     ]  # fmt: skip
-    for n, r in enumerate(report["huge"], 1):
-        refused, small = r["big_refused_ms"], r["small_ms"]
-        refused_text = (
-            f"{refused['median']:.0f} [{refused['min']:.0f}, {refused['max']:.0f}] ms" if refused else "-"
-        )
-        lines.append(f"| {n} | {r['big']} | {refused_text} | {r['big_served_max_s']:.1f} s | {r['small']} | "
-                     f"{small['median']:.0f} / {small['p99']:.0f} / {small['max']:.0f} ms |")  # fmt: skip
-    lines += ["", f"## Concurrent uploads of a {report['file_mb']:.1f} MB memory file", "",
-              "| uploads | clients retry on 429 | first try | final | RSS MiB before / peak / with the tasks "
-              "resident / after deleting them | seconds |", "|---|---|---|---|---|---|"]  # fmt: skip
-    for u in report["uploads"]:
-        rss = u["rss_mib"]
-        retried = "yes" if u["retry"] else "no"
-        lines.append(f"| {u['uploads']} | {retried} | {u['first_try']} | {u['final']} | "
-                     f"{rss['before']:.0f} / {rss['peak']:.0f} / {rss['after_uploads']:.0f} / "
-                     f"{rss['after_deletes']:.0f} | {u['seconds']:.1f} |")  # fmt: skip
-    return "\n".join(lines) + "\n"
+    uploads = [
+        (u["uploads"], "yes" if u["retry"] else "no", u["first_try"], u["final"],
+         " / ".join(f"{u['rss_mib'][k]:.0f}" for k in ("before", "peak", "after_uploads", "after_deletes")),
+         f"{u['seconds']:.1f}")
+        for u in report["uploads"]
+    ]  # fmt: skip
+    return "\n".join([
+        "# One client against the others: huge requests and large-upload bursts",
+        "",
+        f"{harness.header(report)} One `spartan serve` (2 torch threads, default limits: 30 s deadline, "
+        "queue work budget 10 s, 128 MiB of uploads in flight); the load generator runs beside it.",
+        "",
+        f"## Huge requests ({report['shape']}) beside one-row requests of another task",
+        "",
+        *harness.table(("round", "huge: outcomes", "429 latency ms, median [min, max]",
+                        "served huge: slowest", "small: outcomes", "small p50 / p99 / max"), huge),
+        "",
+        f"## Concurrent uploads of a {report['file_mb']:.1f} MB memory file",
+        "",
+        *harness.table(("uploads", "clients retry on 429", "first try", "final", "RSS MiB before / peak / "
+                        "with the tasks resident / after deleting them", "seconds"), uploads),
+    ]) + "\n"  # fmt: skip
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--smoke", action="store_true", help="small sizes, one round, for the tests")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=harness.DOCS / "results")
-    args = parser.parse_args()
+    args = harness.parser(__doc__, harness.RESULTS, rounds=3, threads=None).parse_args()
     rounds, big, texts, parents = (1, 4, 8, 40) if args.smoke else (args.rounds, 16, 64, 950)
     data = big_memory(parents)
-    shape = f"{big} x {texts} texts x 10,000 characters"
-    command = harness.command_line("bench_abuse.py")
-    report = harness.environment(command=command, file_mb=len(data) / 1e6, shape=shape, huge=[], uploads=[])
+    report: dict[str, Any] = {
+        "environment": harness.environment(),
+        "command": harness.command_line("bench_abuse.py"),
+    }
+    report.update(
+        file_mb=len(data) / 1e6, shape=f"{big} x {texts} texts x 10,000 characters", huge=[], uploads=[]
+    )
     bursts = ((6, False), (6, True)) if args.smoke else ((16, False), (32, False), (16, True))
     # Smoke: a budget of two small files in flight, so that the burst meets it as the real one does.
     env = {"SPARTAN_MAX_UPLOAD_BYTES_IN_FLIGHT": str(2 * len(data) + 1024)} if args.smoke else {}
     with tempfile.TemporaryDirectory() as tmp:
-        store = Path(tmp) / "memories"
-        shutil.copytree(ROOT / "memories", store)
+        store = harness.shipped_store(Path(tmp))
         for number in range(rounds):  # a fresh server per round: rounds do not share a warm heap
-            server = start_server(store, Config(threads=2), batch_size=32, extra_env=env)
+            server = harness.serve_store(store, threads=2, env=env)
             try:
                 report["huge"].append(asyncio.run(huge(server.url, big, texts, 10_000)))
                 for count, retry in bursts if number == rounds - 1 else ():
                     report["uploads"].append(uploads(server, data, count, retry))
             finally:
                 server.stop()
-    harness.write_report(args.out, "abuse", report, markdown(report))
-    print(markdown(report))
+    harness.finish(args.out, "abuse", report, markdown)
 
 
 if __name__ == "__main__":

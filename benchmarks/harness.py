@@ -1,25 +1,33 @@
-"""The shared benchmark harness: environment, alternating rounds, spread, child processes, reports.
+"""The shared benchmark harness: environment, rotated rounds, spread, child processes, reports.
 
 Every benchmark is a thin script over this module, so that every figure in docs/ was measured the same
-way: contenders alternate inside each round (machine noise hits them alike), ratios are taken per
-round, and every figure comes with its spread over rounds and the machine it ran on. Runtimes that
-bring their own thread pools (torch, ONNX Runtime, OpenVINO) each run in a child process of their
-own: in one process their pools steal each other's cores.
+way: contenders take turns inside each round (machine noise hits them alike) in an order that rotates
+from round to round, ratios are taken per round, and every figure comes with its spread over rounds and
+the machine it ran on. Runtimes that bring their own thread pools (torch, ONNX Runtime, OpenVINO) each
+run in a child process of their own: in one process their pools steal each other's cores.
+
+Also here, once for every script: the command line (`parser`), the report files (`finish`, `header`,
+`table`), the inputs and models the scripts share (`fixed_length_batch`, `encoder`, `shipped_memories`,
+`fresh_memory`), peak working memory (`peak_mib`), the server process (`ServeProcess`, `serve_store`),
+and load over HTTP (`closed_loop`, `metric_values`).
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import contextlib
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Sequence
 from datetime import date
 from importlib import metadata
 from pathlib import Path
@@ -27,6 +35,11 @@ from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
+RESULTS = DOCS / "results"
+MEMORIES = ROOT / "memories"
+MINILM = "all-MiniLM-L6-v2"
+_K = TypeVar("_K", bound=Hashable)
+_R = TypeVar("_R")
 
 
 def package_version(package: str) -> str | None:
@@ -38,12 +51,8 @@ def package_version(package: str) -> str | None:
 
 def cpu_model() -> str:
     cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.exists():
-        return platform.processor()
-    for line in cpuinfo.read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return ""
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
 
 
 def environment(**extra: Any) -> dict[str, Any]:
@@ -52,23 +61,22 @@ def environment(**extra: Any) -> dict[str, Any]:
     return {
         "date": date.today().isoformat(),
         "platform": platform.platform(),
-        "cpu": cpu_model(),
+        "cpu": cpu_model() or platform.processor(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "packages": {name: v for name in packages if (v := package_version(name)) is not None},
-        "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "load_average_start": list(os.getloadavg()),
         **extra,
     }
 
 
+# ---------------------------------------------------------------------------------------- timing
+
+
 def spread(values: Sequence[float]) -> dict[str, float]:
     """Median, min and max over rounds, and how many rounds."""
-    return {
-        "median": statistics.median(values),
-        "min": min(values),
-        "max": max(values),
-        "runs": len(values),
-    }
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": len(values)}
 
 
 def seconds_per_call(call: Callable[[], object], calls: int) -> float:
@@ -87,65 +95,47 @@ def calibrate(contenders: Mapping[str, Callable[[], object]], target_s: float) -
     return max(1, round(target_s / max(typical, 1e-9)))
 
 
+def rotated_rounds(
+    names: Sequence[_K],
+    rounds: int,
+    measure: Callable[[_K], _R],
+    after_round: Callable[[int], None] | None = None,
+) -> dict[_K, list[_R]]:
+    """`measure(name)` of every contender in every round: inside a round the contenders take turns, and
+    the order rotates so that none always runs first; `after_round(number)` follows each round."""
+    per_round: dict[_K, list[_R]] = {name: [] for name in names}
+    for number in range(rounds):
+        shift = number % len(names)
+        for name in [*names[shift:], *names[:shift]]:
+            per_round[name].append(measure(name))
+        if after_round is not None:
+            after_round(number)
+    return per_round
+
+
 def alternate(
     contenders: Mapping[str, Callable[[], object]],
     *,
     rounds: int,
     items_per_call: int,
     target_s: float = 0.5,
+    calls: int | None = None,
 ) -> dict[str, list[float]]:
-    """Throughput (items/s) of each contender per round; inside a round, the contenders take turns,
-    and the order rotates from round to round so that none always runs first."""
-    calls = calibrate(contenders, target_s)
-    names = list(contenders)
-    per_round: dict[str, list[float]] = {name: [] for name in names}
-    for number in range(rounds):
-        shift = number % len(names)
-        for name in names[shift:] + names[:shift]:
-            per_round[name].append(items_per_call / seconds_per_call(contenders[name], calls))
-    return per_round
+    """Throughput (items/s) of each contender per round, in rotated rounds of timings of `calls` calls
+    (by default calibrated to last about `target_s`)."""
+    calls = calls or calibrate(contenders, target_s)
+    return rotated_rounds(
+        list(contenders), rounds, lambda n: items_per_call / seconds_per_call(contenders[n], calls)
+    )
 
 
 def ratios(per_round: Mapping[str, Sequence[float]], base: str) -> dict[str, dict[str, float]]:
-    """Each contender's throughput over `base`'s, per round (same round = same machine state)."""
+    """Each contender's figure over `base`'s, per round (same round = same machine state)."""
     return {
         name: spread([a / b for a, b in zip(values, per_round[base], strict=True)])
         for name, values in per_round.items()
         if name != base
     }
-
-
-def run_child(command: Sequence[str], *, timeout_s: float, env: Mapping[str, str] | None = None) -> Any:
-    """Run a benchmark child process; its last stdout line is its JSON result."""
-    done = subprocess.run(
-        list(command),
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-        check=False,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def command_line(script: str) -> str:
-    """The command that reproduces this run, as written in reports."""
-    return " ".join(["python", f"benchmarks/{script}", *sys.argv[1:]])
-
-
-def write_report(out: Path, name: str, report: Mapping[str, Any], markdown: str) -> None:
-    """`name`.json (every number) and `name`.md (the tables) in `out`."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / f"{name}.md").write_text(markdown)
-
-
-def fmt_spread(entry: Mapping[str, float], digits: int = 1) -> str:
-    """`median [min, max]`."""
-    return f"{entry['median']:.{digits}f} [{entry['min']:.{digits}f}, {entry['max']:.{digits}f}]"
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -156,12 +146,104 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def load_warning(cpus: int | None, load: float, text: str) -> list[str]:
-    """`text` as a bold markdown warning (and a blank line) when the load average exceeded the CPUs."""
-    return [f"**Warning: {text}**", ""] if load > (cpus or 1) else []
+def run_child(command: Sequence[str], *, timeout_s: float, env: Mapping[str, str] | None = None) -> Any:
+    """Run a benchmark child process; its last stdout line is its JSON result."""
+    done = subprocess.run(
+        list(command), capture_output=True, text=True, timeout=timeout_s, cwd=ROOT,
+        env={**os.environ, **(env or {})}, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-# ---------------------------------------------------------------------------------------- records
+# ---------------------------------------------------------------------------------------- reports
+
+
+def parser(
+    doc: str | None,
+    out: Path = DOCS,
+    name: str | None = None,
+    rounds: int | None = None,
+    threads: int | None = 2,
+) -> Any:
+    """A benchmark's command line: its docstring as the help, --smoke, --out, and --name (the report's
+    file name), --rounds, --threads where the benchmark has them (None: it has not)."""
+    cli = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_argument("--smoke", action="store_true", help="tiny sizes, seconds (the tests run it)")
+    cli.add_argument("--out", type=Path, default=out, help=f"folder for the report (default {out})")
+    if name is not None:
+        cli.add_argument("--name", default=name, help=f"the report's file name (default {name})")
+    if rounds is not None:
+        cli.add_argument("--rounds", type=int, default=rounds)
+    if threads is not None:
+        cli.add_argument("--threads", type=int, default=threads, help="torch threads")
+    return cli
+
+
+def command_line(script: str, python: str = "python") -> str:
+    """The command that reproduces this run, as written in reports."""
+    return " ".join([python, f"benchmarks/{script}", *sys.argv[1:]])
+
+
+def write_report(out: Path, name: str, report: Mapping[str, Any], markdown: str) -> None:
+    """`name`.json (every number) and `name`.md (the tables) in `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (out / f"{name}.md").write_text(markdown)
+
+
+def finish(
+    out: Path,
+    name: str,
+    report: dict[str, Any],
+    render: Callable[[dict[str, Any]], str],
+    plot: Callable[[dict[str, Any], Path], None] | None = None,
+    smoke: bool = False,
+) -> None:
+    """The report as `name`.json, .md (`render`) and .png (`plot`), `_smoke` in the names of a smoke
+    run; first the load average at the end goes into its environment, the name into report["name"]."""
+    name = report["name"] = f"{name}_smoke" if smoke else name
+    if "environment" in report:
+        report["environment"]["load_average_end"] = list(os.getloadavg())
+    out.mkdir(parents=True, exist_ok=True)
+    if plot is not None:
+        plot(report, out / f"{name}.png")
+    write_report(out, name, report, render(report))
+    print(f"wrote {out / name}.*", flush=True)
+
+
+def header(report: Mapping[str, Any]) -> str:
+    """The command and the machine of a run: the first paragraph of its report."""
+    env = report["environment"]
+    packages = ", ".join(f"{k} {v}" for k, v in env["packages"].items())
+    loads = [a[0] for a in (env.get("load_average_start"), env.get("load_average_end")) if a]
+    busy = max(loads, default=0.0) > (env["cpu_count"] or 1)
+    return (
+        f"Command: `{report['command']}` ({env['date']}). Machine: {env['cpu']}, {env['cpu_count']} CPUs, "
+        f"{env['platform']}; {packages}. Load average (1 min) {' -> '.join(f'{a:.1f}' for a in loads)}"
+        + (": **other jobs oversubscribed the CPUs; times are inflated and noisy**." if busy else ".")
+    )
+
+
+def table(head: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:
+    """A markdown table."""
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+
+
+def goal_table(verdicts: Sequence[tuple[str, bool]]) -> list[str]:
+    """Goals as a `| goal | met |` table, each also printed for the console."""
+    for name, ok in verdicts:
+        print(f"{'ok ' if ok else 'NOT'} {name}")
+    return table(("goal", "met"), [(name, "yes" if ok else "**no**") for name, ok in verdicts])
+
+
+def fmt_spread(entry: Mapping[str, float] | None, digits: int = 1) -> str:
+    """`median [min, max]`; — for none."""
+    if entry is None:
+        return "—"
+    return f"{entry['median']:.{digits}f} [{entry['min']:.{digits}f}, {entry['max']:.{digits}f}]"
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
@@ -175,9 +257,6 @@ def append_record(path: Path, record: Mapping[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")
-
-
-# ---------------------------------------------------------------------------------------- plots
 
 
 def pyplot() -> Any:
@@ -194,9 +273,130 @@ def pyplot() -> Any:
 def save_figure(fig: Any, path: Path, dpi: int = 120) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
-    import matplotlib.pyplot as plt
+    pyplot().close(fig)
 
-    plt.close(fig)
+
+# ---------------------------------------------------------------------------------------- inputs, models
+
+SENTENCES = [
+    "a gripping, beautifully acted film",
+    "dull, predictable and far too long",
+    "The plot is thin but the performances carry it from start to finish.",
+    "an unexpected delight",
+    "Nothing works here: not the jokes, not the pacing, not the ending.",
+    "It is the kind of movie you forget before you reach the parking lot.",
+    "warm, funny and surprisingly wise about families and the lies they tell",
+    "ok",
+]
+SENTENCE = "the film was a surprisingly moving portrait of grief and hope told with wit and restraint"
+WORDS = SENTENCE.split(" ")
+
+
+def texts_of_length(words: int, count: int) -> list[str]:
+    """`count` different texts of `words` words."""
+    return [" ".join(WORDS[(i + j) % len(WORDS)] for j in range(words)) for i in range(count)]
+
+
+def fixed_length_batch(tokenizer: Any, batch: int, length: int) -> dict[str, Any]:
+    """`batch` different texts of exactly `length` tokens (no padding: the memories' worst case)."""
+    texts = texts_of_length(length, batch)
+    return dict(
+        tokenizer(texts, truncation=True, max_length=length, padding="max_length", return_tensors="pt")
+    )
+
+
+def encoder(precision: str = "fp32", name: str = MINILM) -> Any:
+    """The service's encoder on a freshly loaded backbone."""
+    from app.engine.backbone import load_backbone
+    from app.engine.encoder import SpartanEncoder
+    from app.settings import Settings
+
+    return SpartanEncoder(load_backbone(name, Settings().cache_dir, precision=precision))  # type: ignore[arg-type]
+
+
+def shipped_memories(encoder: Any) -> dict[str, Any]:
+    """memories/*.safetensors by task name, loaded against `encoder`'s backbone."""
+    from app.spartan.memfile import load_memory_file
+
+    return {p.stem: load_memory_file(p, encoder.identity()) for p in sorted(MEMORIES.glob("*.safetensors"))}
+
+
+def fresh_memory(
+    encoder: Any, spec: Any = None, seed: int = 0, noise: float = 0.0, layernorms: bool = True
+) -> Any:
+    """A new memory for `encoder`, in eval mode: `spec`'s shape, or `spartan train`'s default (E=16,
+    C=3, k=8, the task's own LayerNorms unless `layernorms` is off); the backbone's LayerNorms and
+    N(0, 0.02) keys and values, then N(0, `noise`) added to every parameter (outputs that differ)."""
+    import torch
+
+    from app.spartan.memory import MemorySpec, TaskMemory
+
+    backbone = encoder.backbone
+    spec = spec or MemorySpec(
+        num_layers=backbone.num_layers, hidden_size=backbone.hidden_size, pooling=backbone.pooling,
+        backbone_id=backbone.name, backbone_fingerprint=backbone.fingerprint,
+        layernorm_names=tuple(encoder.layernorm_names) if layernorms else (),
+    )  # fmt: skip
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        memory = TaskMemory(spec)
+    memory.init_layernorms(encoder.base_layernorms())
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in memory.parameters() if noise else ():
+            param.add_(torch.randn(param.shape, generator=generator) * noise)
+    return memory.eval()
+
+
+def int8_backbone(root: Any, scheme: str, names: Sequence[str] | None = None) -> dict[str, Any]:
+    """int8 dynamic quantisation (torch's, in place) of the backbone Linear layers `names` (found in
+    `root`, the backbone model, by default all its plain Linears), per-tensor weight scales as
+    `quantize_dynamic(model, {nn.Linear})` gives or per-channel (one per output row); every per-task
+    module a peer adds stays float32:
+    - a plain nn.Linear: quantised;
+    - PEFT's LoRA wrapper (has `base_layer`): the base_layer is quantised, lora_A/lora_B stay float32;
+    - `adapters`' LoRALinear with no LoRA in it: replaced by a plain Linear with the same weights, then
+      quantised (its per-call adapter dispatch goes away with it);
+    - anything else: skipped and listed."""
+    import warnings
+
+    import torch
+    from torch import nn
+    from torch.ao.nn.quantized import dynamic as nnqd
+    from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
+
+    names = names or [name for name, module in root.named_modules() if type(module) is nn.Linear]
+    qconfig = {"per-tensor": default_dynamic_qconfig, "per-channel": per_channel_dynamic_qconfig}[scheme]
+    targets, how, skipped = [], {}, {}
+    for name in names:
+        module = root.get_submodule(name)
+        # `adapters` wraps every Linear in a LoRALinear; with bottleneck adapters only, it holds no LoRA
+        empty_lora = type(module).__module__.startswith("adapters.") and not getattr(module, "loras", True)
+        if type(module) is nn.Linear:
+            targets.append(name)
+            kind = "plain Linear"
+        elif type(getattr(module, "base_layer", None)) is nn.Linear:
+            targets.append(f"{name}.base_layer")
+            kind = "PEFT base_layer (LoRA A/B stay float32)"
+        elif isinstance(module, nn.Linear) and empty_lora and not getattr(module, "fan_in_fan_out", False):
+            plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            plain.weight, plain.bias = module.weight, module.bias
+            parent, _, attr = name.rpartition(".")
+            setattr(root.get_submodule(parent) if parent else root, attr, plain)
+            targets.append(name)
+            kind = "adapters LoRALinear without LoRA -> plain Linear"
+        else:
+            skipped[name] = type(module).__name__
+            continue
+        how[kind] = how.get(kind, 0) + 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
+        quantize_dynamic(root, qconfig_spec=dict.fromkeys(targets, qconfig), dtype=torch.qint8, inplace=True)
+    return {
+        "backbone_linears": len(names), "scheme": scheme, "how": how, "skipped": skipped,
+        "quantized": sum(isinstance(m, nnqd.Linear) for m in root.modules()),
+        "backbone_float_linears_left": sum(type(m) is nn.Linear for m in root.modules()),
+    }  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------- processes
@@ -292,23 +492,14 @@ class ServeProcess(Process):
     A/B run) on its own loopback port; `args` are further command-line flags, `env` SPARTAN_* settings."""
 
     def __init__(
-        self,
-        log: Path,
-        args: Sequence[str] = (),
-        env: Mapping[str, str] | None = None,
-        root: Path = ROOT,
+        self, log: Path, args: Sequence[str] = (), env: Mapping[str, str] | None = None, root: Path = ROOT
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.root = root
-        settings = {
-            "PYTHONPATH": str(root),
-            "SPARTAN_HOST": "127.0.0.1",
-            "SPARTAN_PORT": str(self.port),
-            **(env or {}),
-        }
+        settings = {"PYTHONPATH": str(root), "SPARTAN_HOST": "127.0.0.1", "SPARTAN_PORT": str(self.port)}
         command = [sys.executable, "-m", "app.cli", "serve", *args]
-        super().__init__(command, log, {**os.environ, **settings}, cwd=root)
+        super().__init__(command, log, {**os.environ, **settings, **(env or {})}, cwd=root)
 
     def start_ready(self: _Serve, timeout_s: float = 180) -> _Serve:
         self.start()
@@ -324,11 +515,24 @@ class ServeProcess(Process):
 
         wait_until(ready, timeout_s, f"server at {self.url} ({self.root}) ready")
 
-    def __enter__(self: _Serve) -> _Serve:
-        return self.start_ready()
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+def serve_store(
+    store: Path,
+    *,
+    batch_size: int = 32,
+    threads: int = 1,
+    env: Mapping[str, str] | None = None,
+    root: Path = ROOT,
+) -> ServeProcess:
+    """A ready server of the checkout at `root` over the memories in `store` (max wait 5 ms, open
+    writes, its log beside `store`): every benchmark's server, so an A/B run starts both builds alike."""
+    flags = [
+        "--memory-dir", str(store), "--max-batch-size", str(batch_size), "--max-wait-ms",
+        "5" if batch_size > 1 else "0", "--threads", str(threads), "--allow-unauthenticated-writes",
+        "--log-level", "warning",
+    ]  # fmt: skip
+    settings = {"SPARTAN_STORE_POLL_INTERVAL_S": "0", "SPARTAN_MAX_QUEUE_ROWS": "4096", **(env or {})}
+    return ServeProcess(store.parent / f"server-{free_port()}.log", flags, settings, root).start_ready()
 
 
 # ---------------------------------------------------------------------------------------- training jobs
@@ -374,7 +578,12 @@ def stop_training_job(url: str, job_id: str, *, admin_key: str | None = None) ->
         return client.get_job(job_id).model_dump(mode="json")
 
 
-# ---------------------------------------------------------------------------------------- /proc
+def shipped_store(folder: Path) -> Path:
+    """A copy of memories/ in `folder`: a benchmark's writes never touch the shipped files."""
+    return Path(shutil.copytree(MEMORIES, folder / "memories"))
+
+
+# ---------------------------------------------------------------------------------------- /proc, peak memory
 
 
 def proc_status(pid: int | str = "self") -> dict[str, str]:
@@ -383,8 +592,14 @@ def proc_status(pid: int | str = "self") -> dict[str, str]:
     return {line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in lines if ":" in line}
 
 
+def status_mib(field_name: str, pid: int | str = "self") -> float:
+    """A /proc/PID/status memory field (VmRSS, VmHWM, ...) in MiB; NaN where unavailable."""
+    value = proc_status(pid).get(field_name)
+    return int(value.split()[0]) / 1024 if value else float("nan")
+
+
 def rss_bytes(pid: int) -> int:
-    return int(proc_status(pid)["VmRSS"].split()[0]) * 1024
+    return int(status_mib("VmRSS", pid) * 1024 * 1024)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -404,3 +619,70 @@ def cpu_idle_fraction(seconds: float = 2.0) -> float:
     time.sleep(seconds)
     idle1, total1 = sample()
     return (idle1 - idle0) / max(1, total1 - total0)
+
+
+# A peak-memory child runs with this: glibc then maps every buffer of 64 KiB or more on its own and
+# hands it back to the OS when freed, so each measurement starts from a true baseline.
+MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def reset_peak() -> bool:
+    """Reset this process's RSS high-water mark (VmHWM) to its current RSS; False where unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return abs(status_mib("VmHWM") - status_mib("VmRSS")) < 1.0
+
+
+def peak_mib(call: Callable[[], object]) -> float | None:
+    """Working memory of one `call()`: VmHWM during it minus VmRSS before it; None where the
+    high-water mark cannot be reset."""
+    if not reset_peak():
+        return None
+    before = status_mib("VmRSS")
+    call()
+    return max(0.0, status_mib("VmHWM") - before)
+
+
+# ---------------------------------------------------------------------------------------- load over HTTP
+
+
+def metric_values(url: str, names: Iterable[str]) -> dict[str, float]:
+    """The samples called `names` in the server's /metrics (summed over their labels)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values = dict.fromkeys(names, 0.0)
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
+        for sample in family.samples:
+            if sample.name in values:
+                values[sample.name] += sample.value
+    return values
+
+
+async def closed_loop(
+    url: str, clients: int, seconds: float, send: Callable[[Any, int, int], Awaitable[Any]]
+) -> list[tuple[float, float, Any]]:
+    """`clients` clients, each sending its next request as soon as it has its answer, for `seconds`:
+    (sent, answered, outcome) of every request, in monotonic seconds. `send(client, k, n)` makes client
+    k's n-th request on its httpx.AsyncClient and returns the outcome (a status code, say). Each client
+    has a connection of its own: one shared pool costs httpx several ms of CPU per request, taken from
+    the server being measured on a small machine."""
+    import httpx
+
+    records: list[tuple[float, float, Any]] = []
+    end = time.monotonic() + seconds
+
+    async def client_loop(k: int) -> None:
+        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
+            number = 0
+            while time.monotonic() < end:
+                sent = time.monotonic()
+                outcome = await send(client, k, number)
+                records.append((sent, time.monotonic(), outcome))
+                number += 1
+
+    await asyncio.gather(*(client_loop(k) for k in range(clients)))
+    return records

@@ -15,8 +15,8 @@ Two implementations with identical results (and gradients):
   [N, E] parent weight that is zero outside the top-k: cost O(N * E * C * H), but as plain GEMMs it
   beats gathering when E * C is small (the default M = 48).
 
-`memory_forward` picks between them by the number of cells (see DENSE_MAX_CELLS, measured in
-benchmarks/bench_memory_layer.py).
+`memory_forward` picks between them by the number of cells (see DENSE_MAX_CELLS, measured with
+benchmarks/bench_memory_scaling.py).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 # Up to this many cells (E * C) the dense formulation is faster on CPU; above it the gather wins.
-# Measured with benchmarks/bench_memory_layer.py (batch 16 x len 128, H 384, k 8, C 3): dense wins up to
-# ~1,536 cells and ties sparse near 3,072; see docs/BENCHMARKS.md.
+# Measured with benchmarks/bench_memory_scaling.py --children 3 (batch 16 x len 128, H 384, k 8): dense wins
+# up to ~1,536 cells and ties sparse near 3,072; see docs/BENCHMARKS.md.
 DENSE_MAX_CELLS = 2048
 
 

@@ -41,6 +41,8 @@ def test_engine_speed_smoke(repo_root: Path, tmp_path: Path) -> None:
         for cell in runs[("torch", precision)]["cells"]:
             assert {"bare", "spartan-1"} <= set(cell["vs_eager"]), cell
             assert 0 < cell["vs_bare"]["spartan-1"]["median"] < 5, cell
+            # the memories' overhead over transformers' own model (docs/BENCHMARKS.md, section 2)
+            assert 0 < cell["vs_eager"]["spartan-1"]["median"] < 5, cell
         mixed = [c for c in runs[("torch", precision)]["cells"] if c["batch"] >= 6]
         assert mixed, "a cell large enough for 6 tasks in one pass"
         assert all({"spartan-6", "served-6"} <= set(c["vs_bare"]) for c in mixed)
@@ -53,6 +55,14 @@ def test_engine_accuracy_smoke(repo_root: Path, tmp_path: Path) -> None:
     for task in tasks.values():
         assert task["test_rows"] == 200
         assert task["accuracy_fp32"] > 0.6, task  # the shipped memories are trained, not random
-        assert task["label_agreement"] >= 0.97, task
-        assert abs(task["accuracy_change_points"]) <= 100 * (1 - task["label_agreement"]) + 1e-9
-        assert 0 < task["max_score_difference"] < 0.5, task
+        assert set(task["variants"]) == {"bf16", "int8-per-tensor", "int8-per-channel"}
+        for name, variant in task["variants"].items():
+            # bf16 keeps 8 significant bits; int8 moves 0.5-2 % of the predictions (docs/RESULTS.md)
+            assert variant["label_agreement"] >= (0.97 if name == "bf16" else 0.9), (name, task)
+            # accuracy can move by at most the share of predictions that changed
+            assert abs(variant["accuracy_change_points"]) <= 100 * (1 - variant["label_agreement"]) + 1e-9
+            assert variant["accuracy"] == pytest.approx(
+                task["accuracy_fp32"] + variant["accuracy_change_points"] / 100
+            )
+            # changed, not broken: bf16 moves no probability by half; int8 flips a few rows
+            assert 0 < variant["max_score_difference"] < (0.5 if name == "bf16" else 1.0), (name, task)

@@ -19,9 +19,9 @@ def test_memory_scaling_benchmark_smoke(repo_root, tmp_path):
     assert (tmp_path / "bench_memory_scaling_smoke.png").stat().st_size > 0
     report = json.loads((tmp_path / "bench_memory_scaling_smoke.json").read_text())
 
-    for key in ("date", "command", "machine", "cells", "rounds", "memory_method", "rows", "summary"):
+    for key in ("command", "environment", "cells", "rounds", "rows", "summary"):
         assert key in report
-    assert report["machine"]["torch_threads"] == 2
+    assert report["environment"]["threads"] == 2
     cells = report["cells"]
     assert len(cells) >= 3
     assert min(cells) <= report["dense_max_cells"] < max(cells)  # `auto` runs both of its paths

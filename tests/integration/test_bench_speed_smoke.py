@@ -1,4 +1,5 @@
-"""The inference-speed benchmark's smoke mode (real MiniLM, real adapters/PEFT peers, int8 included)."""
+"""The inference-speed benchmark's smoke mode (real MiniLM, real adapters/PEFT peers, int8 included; the
+accuracy int8 keeps is the engine benchmark's, tests/integration/test_bench_engine_smoke.py)."""
 
 from __future__ import annotations
 
@@ -16,10 +17,6 @@ ADAPTERS = ("pfeiffer", "houlsby")
 GOAL_VS_BARE, GOAL_VS_ADAPTERS = 0.97, 1.0  # benchmarks/bench_speed.py (the report's goals)
 # The ratios are float64 quotients of the recorded float64 throughputs: equal up to rounding.
 RATIO_RTOL = 1e-12
-# 16 examples per memory: at most 4 predictions may flip under int8 (measured on the full test sets:
-# 0.5-2 % of them; docs/RESULTS.md), and an fp32 accuracy under 1/2 means the memory was not applied
-# (recorded 0.85-0.996; chance is 1/2 for sentiment, 1/77 for banking77).
-MIN_AGREEMENT, MIN_FP32_ACCURACY = 0.75, 0.5
 
 
 def expected_ratios(per_round: dict[str, list[float]]) -> dict[str, list[float]]:
@@ -73,19 +70,6 @@ def check_summary(summary: list[dict[str, Any]], cells: list[dict[str, Any]]) ->
         )
 
 
-def check_int8_row(row: dict[str, Any]) -> None:
-    assert row["examples"] == 16 <= row["test_split"]
-    assert MIN_FP32_ACCURACY <= row["fp32"]["accuracy"] <= 1.0, row
-    for name, scheme in row["schemes"].items():
-        agreement = scheme["prediction_agreement"]
-        assert MIN_AGREEMENT <= agreement <= 1.0, (row["dataset"], name)
-        assert (agreement * row["examples"]) == pytest.approx(round(agreement * row["examples"]), abs=1e-9)
-        # Accuracy can move by at most the share of predictions that changed.
-        assert abs(scheme["delta_accuracy"]) <= 1.0 - agreement + 1e-9, (row["dataset"], name)
-    assert row["delta_accuracy"] == row["schemes"][row["int8_scheme"]]["delta_accuracy"]
-    assert row["prediction_agreement"] == row["schemes"][row["int8_scheme"]]["prediction_agreement"]
-
-
 def test_speed_benchmark_smoke(peers_python, repo_root, tmp_path):
     cmd = [str(peers_python), "benchmarks/bench_speed.py", "--smoke", "--out", str(tmp_path)]
     done = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=600, check=False)
@@ -93,13 +77,15 @@ def test_speed_benchmark_smoke(peers_python, repo_root, tmp_path):
     report = json.loads((tmp_path / "speed_inference_smoke.json").read_text())
     markdown = (tmp_path / "speed_inference_smoke.md").read_text()
     assert markdown.startswith("# Inference speed")
-    assert "## int8 accuracy" in markdown
+    assert "## int8 speed-up at 1 thread" in markdown
     assert "## The gap to the paper's 1.9x" in markdown
     assert (tmp_path / "speed_inference_smoke.png").stat().st_size > 0
 
-    for key in ("date", "command", "environment", "settings", "profiles", "cells", "summary", "quantization"):
+    for key in ("command", "environment", "settings", "profiles", "cells", "summary", "quantization"):
         assert key in report
-    for key in ("torch", "transformers", "adapters", "peft", "cpu_count", "platform"):
+    for key in ("torch", "transformers", "adapters", "peft"):
+        assert report["environment"]["packages"][key]
+    for key in ("cpu_count", "platform"):
         assert report["environment"][key]
     assert {p["name"]: (p["threads"], p["int8"]) for p in report["profiles"]} == {
         "server": (1, False),
@@ -144,19 +130,3 @@ def test_speed_benchmark_smoke(peers_python, repo_root, tmp_path):
     assert quantization["spartan"]["model_float_linears"] == 2  # the head; the memory has no Linear
     for name in ("pfeiffer", "houlsby", "lora"):
         assert quantization[name]["backbone_float_linears_left"] > 0, name
-
-    accuracy = report["int8_accuracy"]
-    assert {a["dataset"] for a in accuracy} == {"movie", "banking77", "bbc"}
-    for row in accuracy:
-        assert row["examples"] == 16
-        assert 0.0 <= row["fp32"]["accuracy"] <= 1.0
-        assert set(row["schemes"]) == {"per-tensor", "per-channel"}
-        for scheme in row["schemes"].values():
-            assert scheme["backbone_linears_quantized"] == scheme["backbone_linears"] > 0
-            assert 0.0 <= scheme["metrics"]["accuracy"] <= 1.0
-            assert scheme["delta_accuracy"] == pytest.approx(
-                scheme["metrics"]["accuracy"] - row["fp32"]["accuracy"]
-            )
-            assert 0.0 <= scheme["prediction_agreement"] <= 1.0
-        assert row["int8"] == row["schemes"][row["int8_scheme"]]["metrics"]
-        check_int8_row(row)
