@@ -101,7 +101,7 @@ def test_spartan_jobs_submit_follow_show_list_cancel(run, tmp_path: Path) -> Non
 
 
 def test_a_benchmark_can_start_a_training_job_and_stop_it(service: Service) -> None:
-    """What bench_service_load.py --with-training-job does around its service windows."""
+    """What bench_service_load.py --under-training does around its service windows."""
     from benchmarks import harness
 
     job_id = harness.start_training_job(service.url, rows(), admin_key=ADMIN_KEY, epochs=1000, batch_size=8)
