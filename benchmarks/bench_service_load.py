@@ -42,7 +42,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import harness
+from benchmarks import harness, peer_infinity
 
 NUM_TASKS = 16
 TASKS = [f"task{index:02d}" for index in range(NUM_TASKS)]
@@ -95,20 +95,26 @@ async def measure_window(job: dict[str, Any]) -> dict[str, Any]:
     zipf = job["popularity"] == "zipf"
     weights = [1 / rank if zipf else 1.0 for rank in range(1, NUM_TASKS + 1)]
     before: dict[str, float] = {}
+    peer = job.get("target") == "infinity"  # one classifier behind infinity-emb's /classify
 
     async def send(client: httpx.AsyncClient, _k: int, _n: int) -> int:
-        task, text = rng.choices(TASKS, weights)[0], rng.choice(texts)
+        task, text = rng.choices(TASKS, weights)[0], rng.choice(texts)  # the same draws for every target
+        if peer:
+            return (await client.post("/classify", json=peer_infinity.classify_body([text]))).status_code
         return (await client.post(f"/v1/tasks/{task}/predict", json={"inputs": [text]})).status_code
+
+    def batch_metrics() -> dict[str, float]:
+        return dict.fromkeys(BATCH_METRICS, 0.0) if peer else harness.metric_values(url, BATCH_METRICS)
 
     async def mark_window_start() -> None:
         await asyncio.sleep(warmup)
-        before.update(await asyncio.to_thread(harness.metric_values, url, BATCH_METRICS))
+        before.update(await asyncio.to_thread(batch_metrics))
 
     start = time.monotonic()
     window = (start + warmup, start + warmup + duration)
     load = harness.closed_loop(url, job["concurrency"], warmup + duration, send)
     records, _ = await asyncio.gather(load, mark_window_start())
-    after = {k: v - before[k] for k, v in harness.metric_values(url, BATCH_METRICS).items()}
+    after = {k: v - before[k] for k, v in batch_metrics().items()}
     # Throughput: answers completed in the window. Latency: requests sent and answered in the window
     # (a request sent during the warm-up would carry its cold-start wait into the percentiles).
     in_window = [r for r in records if window[0] <= r[1] <= window[1]]
@@ -128,12 +134,12 @@ async def measure_window(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_loadgen(
-    server: harness.ServeProcess, popularity: str, texts: Path, config: Config, seconds: float
+    server: harness.Process, popularity: str, texts: Path, config: Config, seconds: float, target: str = ""
 ) -> Any:
     """The load generator in its own process, so that it shares no GIL with anything; the CPU seconds of
     the server and of the load generator over the run."""
     job = {"url": server.url, "popularity": popularity, "texts": str(texts), "warmup": config.warmup_s,
-           "concurrency": config.concurrency, "duration": seconds}  # fmt: skip
+           "concurrency": config.concurrency, "duration": seconds, "target": target}  # fmt: skip
     command = [sys.executable, __file__, "--loadgen", json.dumps(job)]
     server_cpu, loadgen_cpu = harness.cpu_seconds(server.pid), children_cpu_seconds()
     result: dict[str, Any] = harness.run_child(command, timeout_s=600)
@@ -307,6 +313,62 @@ def against_baseline(store: Path, texts: Path, config: Config, baseline_root: Pa
         "baseline_root": str(roots["baseline"]), **commits, "rounds": config.ab_rounds, "builds": builds,
         "throughput_ratio": harness.ratios(throughput, "baseline")["current"], "runs": runs,
     }  # fmt: skip
+
+
+INFINITY_VARIANTS: dict[str, dict[str, Any]] = {
+    "infinity torch fp32": {"engine": "torch"},
+    "infinity torch bf16": {"engine": "torch", "dtype": "bfloat16"},
+    "infinity onnx": {"engine": "optimum"},
+    "infinity onnx optimised": {"engine": "optimum", "optimize": True},
+}
+
+
+def against_infinity(store: Path, texts: Path, config: Config) -> dict[str, Any]:
+    """The Zipf load on this service (16 tasks) and the same requests to infinity-emb serving ONE
+    classifier of the same backbone, on each of its CPU engines; the same threads and batch size, all
+    servers alive side by side, one window each per round, in rotated order."""
+    model_dir = peer_infinity.prepare_classifier()
+    servers: dict[str, Any] = {}
+    try:
+        servers["spartan"] = harness.serve_store(store, batch_size=config.batch_size, threads=config.threads)
+        for name, variant in INFINITY_VARIANTS.items():
+            servers[name] = peer_infinity.start_infinity(
+                model_dir, threads=config.threads, batch_size=config.batch_size, **variant
+            )
+
+        def window(name: str) -> dict[str, Any]:
+            target = "" if name == "spartan" else "infinity"
+            return run_loadgen(servers[name], "zipf", texts, config, config.duration_s, target)
+
+        runs = harness.rotated_rounds(list(servers), config.ab_rounds, window)
+    finally:
+        for server in servers.values():
+            server.stop()
+    figures = ("throughput_rps", "p50_ms", "p99_ms")
+    contenders = {n: {k: harness.spread([r[k] for r in rs]) for k in figures} for n, rs in runs.items()}
+    throughput = {n: [r["throughput_rps"] for r in rs] for n, rs in runs.items()}
+    best = max(INFINITY_VARIANTS, key=lambda n: contenders[n]["throughput_rps"]["median"])
+    ratio = harness.spread([a / b for a, b in zip(throughput["spartan"], throughput[best], strict=True)])
+    return {"rounds": config.ab_rounds, "contenders": contenders, "runs": runs, "best_peer": best,
+            "spartan_over_best_peer": ratio}  # fmt: skip
+
+
+def infinity_markdown(results: dict[str, Any]) -> str:
+    peers, cfg = results["infinity"], results["config"]
+    rows = [(n, harness.fmt_spread(f["throughput_rps"]), harness.fmt_spread(f["p50_ms"], 0),
+             harness.fmt_spread(f["p99_ms"], 0)) for n, f in peers["contenders"].items()]  # fmt: skip
+    env = results["environment"]
+    return "\n".join([
+        "# spartan-serve (16 tasks) against infinity-emb (one classifier)", "",
+        f"`{results['command']}` ({env['date']}, {env['cpu']}, {env['cpu_count']} CPUs). Single-text "
+        f"requests from {cfg['concurrency']} closed-loop clients; spartan-serve serves 16 tasks with Zipf "
+        "popularity, infinity-emb 0.0.78 one MiniLM classifier (`/classify`, the same texts); "
+        f"{cfg['threads']} thread(s) and batch {cfg['batch_size']} for every server; all servers alive "
+        f"side by side, {peers['rounds']} rounds of one window each, rotated. Median [min, max].", "",
+        *harness.table(("server", "rows/s", "p50 ms", "p99 ms"), rows), "",
+        f"spartan-serve / the best infinity engine ({peers['best_peer']}), per round: "
+        f"{harness.fmt_spread(peers['spartan_over_best_peer'], 2)}.", "",
+    ])  # fmt: skip
 
 
 def under_training(store: Path, texts: Path, config: Config, cache_dir: Path) -> dict[str, Any]:
@@ -531,6 +593,10 @@ def run(args: Any) -> dict[str, Any]:
             save_memory(memory, workdir / "memories" / f"{task}.safetensors")
         texts_file = workdir / "texts.json"
         texts_file.write_text(json.dumps(texts))
+        if args.infinity:
+            print("against infinity-emb ...", flush=True)
+            results["infinity"] = against_infinity(workdir / "memories", texts_file, config)
+            return results
         if args.under_training:
             print("serving idle and under a training job ...", flush=True)
             results["under_training"] = under_training(
@@ -576,9 +642,15 @@ def main() -> None:
     cli.add_argument("--ab-rounds", type=int, default=3, help="A/B rounds (one window per build each)")
     job = "only the Zipf load idle and under a training job, --ab-rounds rounds (service_under_training.*)"
     cli.add_argument("--under-training", action="store_true", help=job)
+    peer = "only the Zipf load against infinity-emb's engines (make infinity-env), --ab-rounds rounds"
+    cli.add_argument("--infinity", action="store_true", help=peer)
     args = cli.parse_args()
     if args.loadgen:
         print(json.dumps(asyncio.run(measure_window(json.loads(args.loadgen)))))
+        return
+    if args.infinity:
+        results = run(args)
+        harness.write_report(args.out, "service_vs_infinity", results, infinity_markdown(results))
         return
     if args.under_training:
         results = run(args)
