@@ -236,8 +236,8 @@ def train(
         int | None,
         typer.Option(
             min=1,
-            help="Memories in the top N layers only (the layers below then run once per example, "
-            "not every step). Default: every layer; the recipe's with --few-shot.",
+            help="Memories (and LayerNorm copies) in the top N layers only; the layers below then run "
+            "once per example, not every step. Default: every layer; the recipe's with --few-shot.",
         ),
     ] = None,
     eval_every: Annotated[
@@ -288,13 +288,16 @@ def train(
             raise typer.BadParameter(f"--memory-layers {memory_layers}: the backbone has {num_layers} layers")
         recipe = few_shot_config(num_layers) if few_shot else TrainConfig()
         given: dict[str, Any] = {
-            "epochs": epochs, "lr": lr, "memory_layers": memory_layers, "eval_every": eval_every
+            name: value for name, value in (("epochs", epochs), ("lr", lr), ("eval_every", eval_every))
+            if value is not None
         }  # fmt: skip
+        if memory_layers is not None:  # LayerNorm copies then in every memory layer
+            given |= {"memory_layers": memory_layers, "layernorm_layers": None}
         config = replace(
             recipe, batch_size=batch_size, max_length=max_length, seed=seed,
             num_parents=parents, num_children=children, top_k=top_k, temperature=temperature,
             train_layernorm=layernorm, balance_weight=balance_weight,
-            **{name: value for name, value in given.items() if value is not None},
+            **given,
         )  # fmt: skip
         typer.echo(
             f"training {data.name}: {len(data.train)} train / {len(data.dev)} dev / {len(data.test)} test, "

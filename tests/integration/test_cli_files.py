@@ -126,10 +126,12 @@ def test_few_shot_uses_the_few_shot_recipe_unless_told_otherwise(tmp_path, commo
     assert report["cached_bytes"] > 0  # layer 0's output, computed once
     spec = load_memory_file(tmp_path / "fs.safetensors").spec
     assert spec.first_memory_layer == 0
-    assert spec.layernorm_names and all(name.startswith("encoder.layer.1.") for name in spec.layernorm_names)
+    assert spec.layernorm_names
+    assert all(name.startswith("encoder.layer.1.") for name in spec.layernorm_names)
     run(*base, "--lr", "1e-4", "--epochs", "2", "--memory-layers", "1", "-o", tmp_path / "mine.safetensors")
     config = json.loads((tmp_path / "mine.json").read_text())["config"]
-    assert (config["lr"], config["epochs"], config["memory_layers"]) == (1e-4, 2, 1)
+    assert (config["lr"], config["epochs"]) == (1e-4, 2)
+    assert (config["memory_layers"], config["layernorm_layers"]) == (1, None)
     assert load_memory_file(tmp_path / "mine.safetensors").spec.first_memory_layer == 1
     run(
         "train",
