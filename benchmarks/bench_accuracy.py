@@ -11,6 +11,12 @@ each resumable (every finished run is one line of a JSONL file; a rerun skips wh
   # 3. tables (mean, std over seeds) and plot in docs/results/
   .venv-peers/bin/python benchmarks/bench_accuracy.py report
 
+The few-shot recipe (`spartan train --few-shot`) runs as method spartan-fast through the shipped trainer
+(app.training.trainer.train_memory with few_shot_config), on the same data, length and dev-based choice:
+  .venv-peers/bin/python benchmarks/bench_accuracy.py pilot --tasks banking77 trec 20ng   # dev only
+  .venv-peers/bin/python benchmarks/bench_accuracy.py run --methods spartan-fast --seeds 0 1 2
+  .venv-peers/bin/python benchmarks/bench_accuracy.py compare    # paired Δ vs spartan and pfeiffer
+
 `--smoke` runs a few examples of one task in seconds (used by the test suite). `--shard I/N` splits the
 runs over N processes (on 2 cores, two 1-thread processes get more done than one 2-thread process).
 Few-shot: 200 stratified training examples drawn per seed (the draw is part of what the seed varies).
@@ -288,16 +294,17 @@ def compare(path: Path, method: str, baselines: Sequence[str]) -> str:
                 f"{statistics.mean(paired):+.2f}" if paired else "—",
             ]
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
-    complete = [m for m in (method, *baselines) if all((t, m, s) in score for t in tasks for s in seeds[t])]
-    averages = {
+    averages = {  # over tasks of the mean over seeds; only for a method with every (task, seed)
         m: statistics.mean(statistics.mean(score[(t, m, s)] for s in seeds[t]) for t in tasks)
-        for m in complete
+        for m in (method, *baselines)
+        if tasks and all((t, m, s) in score for t in tasks for s in seeds[t])
     }
-    lines.append(
-        "| **average** | "
-        + " | ".join(f"{averages[m]:.2f}" if m in averages else "—" for m in (method, *baselines))
-        + " |"
-    )
+    cells = [f"{averages[method]:.2f}" if method in averages else "—"]
+    for base in baselines:
+        both = method in averages and base in averages
+        cells += [f"{averages[base]:.2f}" if base in averages else "—",
+                  f"{averages[method] - averages[base]:+.2f}" if both else "—"]  # fmt: skip
+    lines.append("| **average** | " + " | ".join(cells) + " |")
     lines += [
         "",
         "| paired Δ (points) | pairs | mean | std | wins / ties / losses |",
