@@ -247,7 +247,8 @@ def execute(plan: list[tuple[Any, ...]], path: Path, cache_dir: Path, shard: tup
     print(f"{len(mine)} runs to do ({len(plan)} planned, {len(done)} already recorded)", flush=True)
     for number, job in enumerate(mine, 1):
         try:
-            record = run_one(*job, cache_dir)
+            backbone, task, method, setting, seed, lr = job
+            record = run_one(backbone, task, method, setting, seed, lr, cache_dir)
         except MethodUnavailable as err:
             record = {**dict(zip(KEY, job, strict=True)), "unavailable": str(err)}
         append_record(path, record)

@@ -414,42 +414,28 @@ def scoring_times() -> Iterator[list[float]]:
 
 def kept_run(job: dict[str, Any]) -> dict[str, Any]:
     """One training run, in this (fresh) process: time to the kept epoch, total, peak memory, scores."""
-    cache_dir, setting, seed = Path(job["cache_dir"]), job["setting"], job["seed"]
+    cache_dir, setting, seed, name = Path(job["cache_dir"]), job["setting"], job["seed"], job["contender"]
     budget = BUDGETS[setting]
-    if job["contender"] == FAST:
-        spartan_encoder(job["backbone"], cache_dir)  # the build, before the baseline (cached for the run)
-        rss, resettable = status_mib("VmRSS"), reset_peak()
-        record = run_recipe(job["backbone"], job["task"], setting, seed, cache_dir, {})
-        kept_s, total_s, kept, evaluated = (
-            record["seconds_to_best"],
-            record["train_seconds"],
-            record["best_epoch"],
-            sorted(int(e) for e in record["dev_by_epoch"]),
-        )
-        dev, test = record["dev"], record["test"]
+    data = task_data(job["task"], setting, seed, cache_dir)  # read before the baseline (cached)
+    if name == FAST:
+        spartan_encoder(job["backbone"], cache_dir)  # the build, before the baseline (cached)
     else:
-        data = task_data(job["task"], setting, seed, cache_dir)
         built = build(
-            job["contender"],
-            job["backbone"],
-            cache_dir,
-            num_outputs=len(data.labels) or 1,
-            data=data,
-            seed=seed,
+            name, job["backbone"], cache_dir, num_outputs=len(data.labels) or 1, data=data, seed=seed
         )
-        config = FitConfig(
-            lr=job["lr"],
-            epochs=budget.epochs,
-            max_length=budget.max_length,
-            eval_every=budget.eval_every,
-            seed=seed,
-        )
-        rss, resettable = status_mib("VmRSS"), reset_peak()
+        every, length = budget.eval_every, budget.max_length
+        config = FitConfig(job["lr"], budget.epochs, max_length=length, eval_every=every, seed=seed)
+    rss, resettable = status_mib("VmRSS"), reset_peak()
+    if name == FAST:
+        record = run_recipe(job["backbone"], job["task"], setting, seed, cache_dir, {})
+        kept_s, total_s, kept = record["seconds_to_best"], record["train_seconds"], record["best_epoch"]
+        evaluated, dev, test = sorted(int(e) for e in record["dev_by_epoch"]), record["dev"], record["test"]
+    else:
         with scoring_times() as stamps:
             began = time.perf_counter()
             result = fit_module.fit(built, data, config)
         evaluated = [
-            e for e in range(1, config.epochs + 1) if e % config.eval_every == 0 or e == config.epochs
+            e for e in range(1, budget.epochs + 1) if e % budget.eval_every == 0 or e == budget.epochs
         ]
         kept, dev, test = result.best_epoch, result.dev, result.test
         kept_s, total_s = stamps[evaluated.index(kept)] - began, stamps[len(evaluated) - 1] - began
