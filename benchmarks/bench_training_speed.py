@@ -488,6 +488,18 @@ def kept_summary(runs: list[dict[str, Any]], reference: str) -> dict[str, Any]:
                     "kept_epochs": sorted({r["kept_epoch"] for r in mine}),
                     "test_accuracy": statistics.mean(100 * r["test"].get("accuracy", 0.0) for r in mine),
                 }
+        theirs = {
+            (r["round"], r["seed"]): r["time_to_kept_s"]
+            for r in ok
+            if (r["task"], r["contender"]) == (task, reference)
+        }
+        for name in names:
+            mine = [r for r in ok if (r["task"], r["contender"]) == (task, name)]
+            per_round = [
+                r["time_to_kept_s"] / theirs[key] for r in mine if (key := (r["round"], r["seed"])) in theirs
+            ]
+            if per_round and name != reference:
+                cells[task][name]["ratio"] = harness.spread(per_round)
     suite: dict[str, list[float]] = {name: [] for name in names}
     for number in sorted({r["round"] for r in ok}):
         for name in names:
@@ -524,8 +536,8 @@ def render_kept(report: dict[str, Any]) -> str:
         ),
         "| task | "
         + " | ".join(f"{n} s to kept | {n} total s | {n} peak MiB | {n} kept" for n in names)
-        + " |",
-        "|---" * (1 + 4 * len(names)) + "|",
+        + f" | to kept vs {ref} |",
+        "|---" * (2 + 4 * len(names)) + "|",
     ]
     for task, cell in summary["cells"].items():
         parts = [
@@ -535,7 +547,8 @@ def render_kept(report: dict[str, Any]) -> str:
             else "— | — | — | —"
             for n in names
         ]
-        lines.append(f"| {task} | " + " | ".join(parts) + " |")
+        ratios = [f"{n} {fmt(c['ratio'], 2)}" for n in names if "ratio" in (c := cell.get(n, {}))]
+        lines.append(f"| {task} | " + " | ".join(parts) + f" | {'; '.join(ratios) or '—'} |")
     lines += [
         "",
         "Suite (sum over tasks and seeds, per round): "
