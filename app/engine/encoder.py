@@ -7,9 +7,9 @@ serves rows of several tasks (the service's mixed batches) and rows without a me
 A task whose memories start above layer 0 (`MemorySpec.first_memory_layer`) runs the layers below as
 the bare backbone.
 
-Training such a task can start the pass at its first memory layer (`layer_input` once per example,
-then `forward_from` per step): the layers below are frozen and untouched by the task, so their output
-is the same every epoch.
+Training such a task can start the pass above its first memory (`resume_layer`; `layer_input` once
+per example, then `forward_from` per step): the layers below are frozen and untouched by the task, so
+their output is the same every epoch.
 """
 
 from __future__ import annotations
