@@ -7,7 +7,7 @@ import logging
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -219,10 +219,34 @@ def train(
     ] = None,
     few_shot: Annotated[
         int | None,
-        typer.Option(min=1, help="Train on N examples only (few-shot); then lr 3e-3, 10 epochs by default."),
+        typer.Option(
+            min=1,
+            help="Train on N examples only, with the few-shot recipe (app/training/trainer.py "
+            "few_shot_config: memories in the top half of the layers, their lower layers run once per "
+            "example; its epochs, lr and dev schedule unless given).",
+        ),
     ] = None,
-    epochs: Annotated[int | None, typer.Option(min=1, help="Default 3; 10 with --few-shot.")] = None,
-    lr: Annotated[float | None, typer.Option(min=0.0, help="Default 1e-3; 3e-3 with --few-shot.")] = None,
+    epochs: Annotated[
+        int | None, typer.Option(min=1, help="Default 3; the recipe's with --few-shot.")
+    ] = None,
+    lr: Annotated[
+        float | None, typer.Option(min=0.0, help="Default 1e-3; the recipe's with --few-shot.")
+    ] = None,
+    memory_layers: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Memories (and LayerNorm copies) in the top N layers only; the layers below then run "
+            "once per example, not every step. Default: every layer; the recipe's with --few-shot.",
+        ),
+    ] = None,
+    eval_every: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Score dev after every N-th epoch (and the last). Default 1; the recipe's with --few-shot.",
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     max_length: Annotated[int, typer.Option(min=8)] = 128,
     seed: int = 42,
@@ -245,13 +269,7 @@ def train(
     --predictions writes the test split's predictions of the kept epoch."""
     from app.spartan.memfile import save_memory
     from app.training.datasets import few_shot as take_few_shot
-    from app.training.trainer import FEW_SHOT_EPOCHS, FEW_SHOT_LR, TrainConfig, predict_outputs, train_memory
-
-    defaults = TrainConfig()
-    if epochs is None:
-        epochs = FEW_SHOT_EPOCHS if few_shot else defaults.epochs
-    if lr is None:
-        lr = FEW_SHOT_LR if few_shot else defaults.lr
+    from app.training.trainer import TrainConfig, few_shot_config, predict_outputs, train_memory
 
     if top_k > parents:
         raise typer.BadParameter(f"--top-k {top_k} exceeds --parents {parents}")
@@ -265,10 +283,21 @@ def train(
         if few_shot:
             data = take_few_shot(data, few_shot, seed=seed)
         encoder = _encoder(settings, serving_precision=False)
-        config = TrainConfig(
-            epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, seed=seed,
+        num_layers = encoder.backbone.num_layers
+        if memory_layers is not None and memory_layers > num_layers:
+            raise typer.BadParameter(f"--memory-layers {memory_layers}: the backbone has {num_layers} layers")
+        recipe = few_shot_config(num_layers) if few_shot else TrainConfig()
+        given: dict[str, Any] = {
+            name: value for name, value in (("epochs", epochs), ("lr", lr), ("eval_every", eval_every))
+            if value is not None
+        }  # fmt: skip
+        if memory_layers is not None:  # LayerNorm copies then in every memory layer
+            given |= {"memory_layers": memory_layers, "layernorm_layers": None}
+        config = replace(
+            recipe, batch_size=batch_size, max_length=max_length, seed=seed,
             num_parents=parents, num_children=children, top_k=top_k, temperature=temperature,
             train_layernorm=layernorm, balance_weight=balance_weight,
+            **given,
         )  # fmt: skip
         typer.echo(
             f"training {data.name}: {len(data.train)} train / {len(data.dev)} dev / {len(data.test)} test, "
@@ -284,10 +313,13 @@ def train(
     report_path = report or output.with_suffix(".json")
     report_path.write_text(json.dumps({**result.to_json(), "version": version}, indent=2) + "\n")
     for record in result.epochs:
-        typer.echo(
-            f"epoch {record.epoch}: loss {record.train_loss:.4f} dev {record.dev} ({record.seconds:.1f}s)"
-        )
-    typer.echo(f"best epoch {result.best_epoch}; test {result.test}")
+        dev = record.dev or "not scored"
+        typer.echo(f"epoch {record.epoch}: loss {record.train_loss:.4f} dev {dev} ({record.seconds:.1f}s)")
+    layers = memory.spec.memory_layer_indices
+    typer.echo(f"memories in layers {layers.start}-{layers.stop - 1} of {memory.spec.num_layers}")
+    typer.echo(
+        f"best epoch {result.best_epoch} ({result.seconds_to_best:.1f}s from the start); test {result.test}"
+    )
     typer.echo(f"wrote {output} ({result.memory_bytes} bytes, version {version[:12]}) and {report_path}")
     if predictions is not None:
         typer.echo(f"wrote {len(data.test)} test predictions to {predictions}")

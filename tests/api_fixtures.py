@@ -43,9 +43,11 @@ def build_memory(
     max_length: int = 128,
     text_pairs: bool = False,
     layernorms: bool = True,
+    first_memory_layer: int = 0,
 ) -> TaskMemory:
     """A random memory, perturbed so that it changes the backbone's states and its predictions are
-    not degenerate (probabilities well inside (0, 1), different inputs -> different outputs)."""
+    not degenerate (probabilities well inside (0, 1), different inputs -> different outputs); with
+    `first_memory_layer`, memories (and LayerNorm copies) from that layer up only."""
     backbone = encoder.backbone
     spec = MemorySpec(
         num_layers=backbone.num_layers,
@@ -57,7 +59,8 @@ def build_memory(
         text_pairs=text_pairs,
         backbone_id=backbone.name,
         backbone_fingerprint=backbone.fingerprint,
-        layernorm_names=tuple(encoder.layernorm_names) if layernorms else (),
+        layernorm_names=encoder.layernorms_from(first_memory_layer) if layernorms else (),
+        first_memory_layer=first_memory_layer,
     )
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():  # the same seed gives the same memory, whatever ran before

@@ -89,7 +89,9 @@ class PredictionOut(BaseModel):
     scores: dict[str, float] | None = Field(default=None, description="Every label's probability, if asked.")
     value: float | None = Field(default=None, description="Predicted value (regression).")
     routing: list[list[RoutedParent]] | None = Field(
-        default=None, description="Per layer, the parents that fired, if asked."
+        default=None,
+        description="Per memory layer, the parents that fired, if asked: one list per layer from the "
+        "task's first_memory_layer up (every layer for most memories).",
     )
 
 
@@ -155,6 +157,7 @@ class TaskOut(BaseModel):
                     "labels": ["negative", "positive"],
                     "text_pairs": False,
                     "max_length": 128,
+                    "first_memory_layer": 0,
                     "file_bytes": 1664312,
                     "memory_bytes": 1663488,
                     "pinned": False,
@@ -179,6 +182,11 @@ class TaskOut(BaseModel):
     labels: list[str]
     text_pairs: bool | None = Field(description="Whether the task takes text pairs.")
     max_length: int | None = Field(description="Tokens per input; longer inputs are truncated.")
+    first_memory_layer: int | None = Field(
+        default=None,
+        description="The lowest Transformer layer with a memory (0 = every layer has one); the layers "
+        "below run as the bare backbone.",
+    )
     file_bytes: int | None = Field(description="Size of the stored memory file.")
     memory_bytes: int = Field(
         description="Bytes resident: parameters and inference caches (0 when not loaded)."
@@ -199,6 +207,7 @@ class TaskOut(BaseModel):
             labels=list(info.labels),
             text_pairs=info.text_pairs,
             max_length=info.max_length,
+            first_memory_layer=info.spec.first_memory_layer if info.spec else None,
             file_bytes=info.file_bytes,
             memory_bytes=info.memory_bytes,
             pinned=info.pinned,
@@ -215,7 +224,10 @@ class TaskList(BaseModel):
 
 
 class RoutingLayerOut(BaseModel):
-    layer: int = Field(description="Transformer layer the memory follows (0 = the first).")
+    layer: int = Field(
+        description="Transformer layer the memory follows (0 = the first); layers without a memory "
+        "(below the task's first_memory_layer) are not listed."
+    )
     counts: dict[str, list[int]] = Field(
         description="Per predicted label (regression: the one bucket 'all'), how often each parent was "
         "chosen: list index = parent. Each real token chooses top_k parents per layer."
@@ -301,7 +313,7 @@ class RoutingOut(BaseModel):
                     parent_entropy_bits=summary.parent_entropy_bits,
                     mutual_information_bits=summary.mutual_information_bits,
                 )
-                for index, (counts, summary) in enumerate(zip(snapshot.counts, summaries, strict=True))
+                for index, counts, summary in zip(snapshot.layers, snapshot.counts, summaries, strict=True)
             ],
         )
 

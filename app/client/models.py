@@ -55,6 +55,7 @@ class TaskOut(BaseModel):
     labels: list[str]
     text_pairs: bool | None
     max_length: int | None
+    first_memory_layer: int | None = None  # absent from services older than issue 14
     file_bytes: int | None
     memory_bytes: int
     pinned: bool

@@ -1,9 +1,15 @@
-"""The frozen backbone with SPARTAN memories inserted after every layer, per row of a batch.
+"""The frozen backbone with SPARTAN memories inserted after its layers, per row of a batch.
 
 Nothing of transformers' model code is copied or edited: a forward hook on each Transformer layer adds
 the memory update to the layer's output, and each backbone LayerNorm is wrapped so a task can bring its
 own affine parameters. Which memory a row uses is given per call as `RowGroup`s, so one backbone pass
 serves rows of several tasks (the service's mixed batches) and rows without a memory (bare backbone).
+A task whose memories start above layer 0 (`MemorySpec.first_memory_layer`) runs the layers below as
+the bare backbone.
+
+Training such a task can start the pass above its first memory (`resume_layer`; `layer_input` once
+per example, then `forward_from` per step): the layers below are frozen and untouched by the task, so
+their output is the same every epoch.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from transformers import BatchEncoding
 from app.engine.backbone import Backbone, pool
 from app.spartan.layer import load_balancing_loss
 from app.spartan.memfile import BackboneIdentity
-from app.spartan.memory import LayerNormOverride, TaskMemory
+from app.spartan.memory import LayerNormOverride, MemorySpec, TaskMemory
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,32 @@ def _contiguous_slices(groups: Sequence[RowGroup], batch_size: int) -> list[slic
 
 class _PassHolder:
     current: _Pass | None = None
+
+
+def _serves_layer(group: RowGroup, index: int) -> bool:
+    return group.memory is not None and group.memory.memory_at(index) is not None
+
+
+@dataclass(frozen=True)
+class LayerCall:
+    """What the backbone's encoder passes each Transformer layer besides its hidden states, as it
+    called one layer: the attention mask in the form that transformers version and attention
+    implementation use, MPNet's relative position bias, flags. The same for every layer of a
+    family in `RESUMABLE_FAMILIES`."""
+
+    args: tuple[object, ...]
+    kwargs: dict[str, object]
+
+
+# Families whose encoder calls every layer with the same arguments but the hidden states, and whose
+# last_hidden_state is the last layer's output (BERT, MiniLM: attention mask; MPNet: attention mask
+# and relative position bias, computed once in MPNetEncoder.forward; tests/unit/test_encoder.py checks
+# both against the full forward). Other families train through the full forward.
+RESUMABLE_FAMILIES = ("bert", "mpnet")
+
+
+class _Captured(Exception):
+    """Raised by the capture hook to end a forward pass at the layer it captured."""
 
 
 class TaskAwareLayerNorm(nn.Module):
@@ -143,6 +175,7 @@ class SpartanEncoder:
         self.backbone = backbone
         self._holder = _PassHolder()
         self._lock = threading.Lock()  # the hooks read per-pass state: one pass at a time
+        self.layernorm_layers = self._layers_of_layernorms()
         self.layernorm_names = self._wrap_layernorms()
         self._handles: list[RemovableHandle] = [
             layer.register_forward_hook(self._make_hook(index)) for index, layer in enumerate(backbone.layers)
@@ -156,6 +189,27 @@ class SpartanEncoder:
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, attr, TaskAwareLayerNorm(getattr(parent, attr), name, self._holder))
         return names
+
+    def _layers_of_layernorms(self) -> dict[str, int]:
+        """Each backbone LayerNorm's Transformer layer (-1: in none, e.g. the embeddings')."""
+        model = self.backbone.model
+        names = {id(module): name for name, module in model.named_modules()}
+        prefixes = [names[id(layer)] + "." for layer in self.backbone.layers]
+        found = {}
+        for name, module in model.named_modules():
+            if isinstance(module, nn.LayerNorm):
+                found[name] = next((i for i, p in enumerate(prefixes) if name.startswith(p)), -1)
+        return found
+
+    def layernorms_from(self, first_layer: int) -> tuple[str, ...]:
+        """The LayerNorms a task whose memories start at `first_layer` may carry its own copy of:
+        every one for 0; else only those inside its memory layers, so that nothing below its first
+        memory layer differs from the bare backbone."""
+        return tuple(
+            name
+            for name in self.layernorm_names
+            if first_layer == 0 or self.layernorm_layers[name] >= first_layer
+        )
 
     def base_layernorms(self) -> dict[str, nn.LayerNorm]:
         """The backbone's own LayerNorms by their original module names (to start a task's copies)."""
@@ -177,10 +231,10 @@ class SpartanEncoder:
 
     def _apply_memories(self, index: int, hidden: torch.Tensor, run: _Pass) -> torch.Tensor:
         batch, seq, width = hidden.shape
+        if not any(_serves_layer(group, index) for group in run.groups):
+            return hidden  # bare rows, and tasks whose memories start higher up
         if run.groups and run.covers_all(run.groups[0]):
             group = run.groups[0]
-            if group.memory is None:
-                return hidden
             update = self._group_update(index, hidden.reshape(-1, width), run, 0, run.attention_mask)
             if not torch.is_grad_enabled():  # serving: add in place (summed in fp32, rounded once)
                 return hidden.add_(update.view(batch, seq, width))
@@ -189,7 +243,7 @@ class SpartanEncoder:
             return self._apply_to_slices(index, hidden, run, run.slices)
         updates = torch.zeros_like(hidden)
         for number, group in enumerate(run.groups):
-            if group.memory is None:
+            if not _serves_layer(group, index):
                 continue
             states = hidden.index_select(0, group.rows).reshape(-1, width)
             mask = run.attention_mask.index_select(0, group.rows)
@@ -204,14 +258,14 @@ class SpartanEncoder:
         _, seq, width = hidden.shape
         if not torch.is_grad_enabled():  # serving: add in place, no copy of the batch's states
             for number, (group, rows) in enumerate(zip(run.groups, slices, strict=True)):
-                if group.memory is not None:
+                if _serves_layer(group, index):
                     states = hidden[rows].reshape(-1, width)
                     update = self._group_update(index, states, run, number, run.attention_mask[rows])
                     hidden[rows].add_(update.view(-1, seq, width))  # a view: writes into the batch
             return hidden
         updated = hidden.clone()  # training: autograd needs the layer's own output untouched
         for number, (group, rows) in enumerate(zip(run.groups, slices, strict=True)):
-            if group.memory is not None:
+            if _serves_layer(group, index):
                 states = hidden[rows].reshape(-1, width)
                 update = self._group_update(index, states, run, number, run.attention_mask[rows])
                 updated[rows] = _add_update(hidden[rows], update.view(-1, seq, width))
@@ -221,10 +275,11 @@ class SpartanEncoder:
         self, index: int, states: torch.Tensor, run: _Pass, number: int, mask: torch.Tensor
     ) -> torch.Tensor:
         memory = run.groups[number].memory
-        assert memory is not None
+        layer = memory.memory_at(index) if memory is not None else None
+        assert layer is not None
         # The memory runs in float32 whatever the backbone's precision: its cost is ~1% of a layer,
         # and its top-k choice and child softmax are where reduced precision would change routing.
-        result = memory.layers[index](states.float())
+        result = layer(states.float())
         if run.record_routing:
             run.routing[number].append(result.parents.view(mask.shape[0], mask.shape[1], -1))
         if run.balance:
@@ -251,13 +306,95 @@ class SpartanEncoder:
                 hidden = self.backbone.model(**encoding).last_hidden_state
             finally:
                 self._holder.current = None
-        pooled = pool(hidden.float(), mask, self.backbone.pooling)  # heads run in float32
+        return self._heads(hidden, run)
+
+    def _heads(self, hidden: torch.Tensor, run: _Pass) -> EncoderOutput:
+        pooled = pool(hidden.float(), run.attention_mask, self.backbone.pooling)  # heads run in float32
         outputs = [
             group.memory.head(pooled.index_select(0, group.rows)) if group.memory is not None else None
-            for group in groups
+            for group in run.groups
         ]
         balance_loss = torch.stack(run.balance_terms).mean() if run.balance_terms else None
-        return EncoderOutput(pooled, outputs, run.routing if record_routing else None, balance_loss)
+        return EncoderOutput(pooled, outputs, run.routing if run.record_routing else None, balance_loss)
+
+    def resume_layer(self, spec: MemorySpec) -> int:
+        """The lowest Transformer layer whose computation this task changes: below it every layer
+        gives the bare backbone's output, so a pass may start there (`forward_from`). That is the layer
+        above its first memory (whose memory reads the bare output of the layer below), or lower if it
+        carries a LayerNorm copy lower down (0 for one outside every layer, like the embeddings')."""
+        lowest = spec.first_memory_layer + 1
+        for name in spec.layernorm_names:
+            layer = self.layernorm_layers.get(name, -1)
+            lowest = min(lowest, max(layer, 0))
+        return min(lowest, self.backbone.num_layers - 1)  # a pass runs at least the last layer
+
+    def resumable(self) -> bool:
+        """Whether `layer_input` and `forward_from` support this backbone's family."""
+        return str(self.backbone.model.config.model_type) in RESUMABLE_FAMILIES
+
+    def layer_input(
+        self, encoding: BatchEncoding | dict[str, torch.Tensor], layer: int
+    ) -> tuple[torch.Tensor, LayerCall]:
+        """The bare backbone run up to Transformer layer `layer` (no memory, no gradient) and stopped
+        there: that layer's input hidden states [B, S, H], and the rest of what the encoder passes it.
+
+        The pass ends by an exception from a pre-hook on that layer, so nothing above it runs (layer 0:
+        only the embeddings, the attention mask and, for MPNet, the position bias are computed).
+        """
+        captured: list[tuple[tuple[object, ...], dict[str, object]]] = []
+
+        def capture(module: nn.Module, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
+            captured.append((args, dict(kwargs)))
+            raise _Captured
+
+        handle = self.backbone.layers[layer].register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            with self._lock, torch.no_grad():
+                self.backbone.model(**encoding)
+        except _Captured:
+            pass
+        finally:
+            handle.remove()
+        if not captured:
+            raise RuntimeError(f"the backbone's forward pass never reached layer {layer}")
+        args, kwargs = captured[0]
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        assert isinstance(hidden, torch.Tensor)
+        return hidden, LayerCall(tuple(args[1:]), kwargs)
+
+    def forward_from(
+        self,
+        first: int,
+        hidden: torch.Tensor,
+        call: LayerCall,
+        attention_mask: torch.Tensor,
+        groups: Sequence[RowGroup],
+        *,
+        record_routing: bool = False,
+        balance: bool = False,
+    ) -> EncoderOutput:
+        """`forward` from Transformer layer `first` on: `hidden` is the bare backbone's input to that
+        layer (`layer_input`'s, possibly cached from another batch and re-padded; not modified), `call`
+        the rest of its arguments for this batch. The memories after layer `first - 1` are applied to
+        `hidden` first. Equal to `forward` for tasks with `resume_layer` >= `first` (checked)."""
+        if not self.resumable():
+            raise ValueError(f"forward_from does not support {self.backbone.model.config.model_type!r}")
+        for group in groups:
+            if group.memory is not None and self.resume_layer(group.memory.spec) < first:
+                raise ValueError(f"a task of this batch changes layer {first - 1} or one below it")
+        run = _Pass(groups, attention_mask, int(attention_mask.shape[0]), record_routing, balance)
+        run.routing = [[] for _ in groups]
+        with self._lock:
+            self._holder.current = run
+            try:
+                if first > 0:  # on a copy: serving's in-place update must not write into the cache
+                    hidden = self._apply_memories(first - 1, hidden.clone(), run)
+                for layer in self.backbone.layers[first:]:
+                    out = layer(hidden, *call.args, **call.kwargs)
+                    hidden = out[0] if isinstance(out, tuple) else out
+            finally:
+                self._holder.current = None
+        return self._heads(hidden, run)
 
     def identity(self) -> BackboneIdentity:
         """What a memory file must match to run here."""
@@ -268,6 +405,7 @@ class SpartanEncoder:
             name=self.backbone.name,
             layernorm_names=tuple(self.layernorm_names),
             pooling=self.backbone.pooling,
+            layernorm_layers=tuple(self.layernorm_layers.items()),
         )
 
     def encode(self, texts: list[str], pairs: list[str] | None, max_length: int) -> BatchEncoding:

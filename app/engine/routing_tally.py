@@ -37,8 +37,10 @@ def predicted_buckets(spec: MemorySpec, outputs: torch.Tensor) -> torch.Tensor:
 
 
 def zero_counts(spec: MemorySpec) -> torch.Tensor:
-    """[layers, buckets, parents] int64 zeros for a memory of this spec."""
-    return torch.zeros(spec.num_layers, len(bucket_names(spec)), spec.num_parents, dtype=torch.long)
+    """[memory layers, buckets, parents] int64 zeros for a memory of this spec (layers without a
+    memory have nothing to count)."""
+    layers = len(spec.memory_layer_indices)
+    return torch.zeros(layers, len(bucket_names(spec)), spec.num_parents, dtype=torch.long)
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,8 @@ class RoutingSnapshot:
     top_k: int
     rows: int  # rows (inputs) counted
     tokens: int  # real (non-padding) tokens counted; each makes top_k choices per layer
-    counts: torch.Tensor  # [layers, labels, parents] int64: choices of each parent per label
+    counts: torch.Tensor  # [memory layers, labels, parents] int64: choices of each parent per label
+    layers: tuple[int, ...]  # the Transformer layer of each row of counts (those with a memory)
 
     @classmethod
     def empty(cls, task: str, version: str, spec: MemorySpec) -> RoutingSnapshot:
@@ -67,6 +70,7 @@ class RoutingSnapshot:
             rows=0,
             tokens=0,
             counts=zero_counts(spec),
+            layers=tuple(spec.memory_layer_indices),
         )
 
 
@@ -110,8 +114,8 @@ class RoutingTally:
         real_tokens: torch.Tensor,
         outputs: torch.Tensor,
     ) -> None:
-        """Count one pass's rows of one task: chosen parents per layer [rows, seq, k], the rows' real
-        tokens [rows, seq] and head outputs [rows, num_outputs]."""
+        """Count one pass's rows of one task: chosen parents per memory layer [rows, seq, k], the rows'
+        real tokens [rows, seq] and head outputs [rows, num_outputs]."""
         spec = memory.spec
         counts = count_choices(
             layer_parents,
@@ -123,7 +127,7 @@ class RoutingTally:
         self.add(task, memory.version, counts, rows=int(real_tokens.shape[0]), tokens=int(real_tokens.sum()))
 
     def add(self, task: str, version: str, counts: torch.Tensor, *, rows: int, tokens: int) -> None:
-        """Add counts [layers, labels, parents] of `rows` rows with `tokens` real tokens."""
+        """Add counts [memory layers, labels, parents] of `rows` rows with `tokens` real tokens."""
         with self._lock:
             current = self._tasks.get(task)
             if current is None or current.version != version:
@@ -149,4 +153,5 @@ class RoutingTally:
                 current.rows,
                 current.tokens,
                 current.counts.clone(),
+                tuple(spec.memory_layer_indices),
             )

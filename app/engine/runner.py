@@ -142,7 +142,7 @@ class EncoderRunner:
     def run(self, rows: Sequence[PreparedRow]) -> list[RowOutput]:
         order = _order_by_memory(rows)
         ordered = [rows[i] for i in order]
-        encoding = self._pad(ordered)
+        encoding = self.pad(ordered)
         groups, positions = _row_groups(ordered)
         # Recording keeps a view of the parent indices each layer computes anyway.
         record_routing = self.routing_tally is not None or any(p.row.record_routing for p in ordered)
@@ -198,8 +198,9 @@ class EncoderRunner:
         except Exception:
             log.exception("routing statistics: counting a forward pass failed (predictions are unaffected)")
 
-    def _pad(self, rows: Sequence[PreparedRow]) -> dict[str, torch.Tensor]:
-        """Pad to the longest row of this pass, on the tokenizer's own padding side."""
+    def pad(self, rows: Sequence[PreparedRow]) -> dict[str, torch.Tensor]:
+        """Pad to the longest row of this pass, on the tokenizer's own padding side (the trainer pads
+        its batches here too, so training sees exactly the served inputs)."""
         width = max(p.length for p in rows)
         pad_values = {
             "input_ids": self.tokenizer.pad_token_id or 0,

@@ -68,7 +68,7 @@ _REQUIRED_METADATA = (
     "labels",
     "max_length",
 )
-_OPTIONAL_METADATA = ("text_pairs", "layernorms", "dropout", "training")
+_OPTIONAL_METADATA = ("text_pairs", "layernorms", "dropout", "training", "first_memory_layer")
 _ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
 _MAX_NDIM = 8  # memory tensors have at most 3
 _MAX_META_DEPTH = 16  # of a metadata JSON value (training reports nest 3 levels)
@@ -92,9 +92,17 @@ class BackboneIdentity:
     # How the backbone pools its final states; None = not known, not checked. A memory's head was
     # trained on one pooling: on another its inputs mean something else, so a mismatch is refused.
     pooling: Pooling | None = None
+    # (LayerNorm name, the Transformer layer it is in; -1: outside every layer, e.g. the embeddings'):
+    # a memory that starts above layer 0 may carry only LayerNorms of its memory layers. Empty: not
+    # known, not checked.
+    layernorm_layers: tuple[tuple[str, int], ...] = ()
 
 
 def spec_metadata(spec: MemorySpec) -> dict[str, str]:
+    # first_memory_layer is written only when some layers have no memory: a file with a memory after
+    # every layer stays byte-for-byte what it was (older services read it), and an older service
+    # refuses a top-layers file by its unknown key instead of misreading it.
+    top_layers = {"first_memory_layer": str(spec.first_memory_layer)} if spec.first_memory_layer else {}
     return {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
@@ -114,6 +122,7 @@ def spec_metadata(spec: MemorySpec) -> dict[str, str]:
         "layernorms": json.dumps(list(spec.layernorm_names)),
         "dropout": repr(spec.dropout),
         "training": json.dumps(spec.training, sort_keys=True, default=str),
+        **top_layers,
     }
 
 
@@ -121,7 +130,7 @@ def expected_shapes(spec: MemorySpec) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape, for every tensor a memory file with this spec must hold (and no other)."""
     h, e, c = spec.hidden_size, spec.num_parents, spec.num_children
     shapes: dict[str, tuple[int, ...]] = {}
-    for layer in range(spec.num_layers):
+    for layer in spec.memory_layer_indices:
         shapes[f"layers.{layer}.parent_keys"] = (e, h)
         shapes[f"layers.{layer}.child_keys"] = (e, c, h)
         shapes[f"layers.{layer}.child_values"] = (e, c, h)
@@ -137,7 +146,7 @@ def expected_shapes(spec: MemorySpec) -> dict[str, tuple[int, ...]]:
 
 def memory_tensors(memory: TaskMemory) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
-    for index, layer in enumerate(memory.memory_layers()):
+    for index, layer in memory.indexed_memory_layers():
         tensors[f"layers.{index}.parent_keys"] = layer.parent_keys
         tensors[f"layers.{index}.child_keys"] = layer.child_keys
         tensors[f"layers.{index}.child_values"] = layer.child_values
@@ -544,8 +553,13 @@ def parse_spec(metadata: object) -> MemorySpec:
     training = _meta_json(meta, "training", {})
     if not isinstance(training, dict):
         raise MemoryInvalid(f"metadata training must be a JSON object, found a JSON {json_type(training)}")
+    num_layers = _meta_int(meta, "num_layers", 1, 256)
+    # Absent (every file written before it existed): a memory after every layer.
+    first_memory_layer = (
+        _meta_int(meta, "first_memory_layer", 0, num_layers - 1) if "first_memory_layer" in meta else 0
+    )
     return MemorySpec(
-        num_layers=_meta_int(meta, "num_layers", 1, 256),
+        num_layers=num_layers,
         hidden_size=_meta_int(meta, "hidden_size", 1, 1 << 16),
         num_parents=num_parents,
         num_children=_meta_int(meta, "num_children", 1, 1 << 16),
@@ -561,6 +575,7 @@ def parse_spec(metadata: object) -> MemorySpec:
         layernorm_names=_meta_layernorms(meta),
         dropout=_meta_float(meta, "dropout", 0.0, 1.0, default="0.1"),
         training=training,
+        first_memory_layer=first_memory_layer,
     )
 
 
@@ -586,6 +601,14 @@ def check_backbone(spec: MemorySpec, backbone: BackboneIdentity) -> None:
         raise BackboneMismatch(
             f"memory carries LayerNorms the backbone does not have: {', '.join(unknown[:4])}"
         )
+    if spec.first_memory_layer and backbone.layernorm_layers:
+        layer_of = dict(backbone.layernorm_layers)
+        below = [name for name in spec.layernorm_names if layer_of.get(name, -1) < spec.first_memory_layer]
+        if below:
+            raise MemoryInvalid(
+                f"memory has memories from layer {spec.first_memory_layer} up but carries LayerNorms "
+                f"below it: {', '.join(below[:4])} (a task changes nothing below its first memory layer)"
+            )
 
 
 def check_tensor_entries(header: dict[str, Any], spec: MemorySpec) -> None:
@@ -636,7 +659,7 @@ def check_probe(memory: TaskMemory, tensors: dict[str, torch.Tensor]) -> None:
             normed = F.layer_norm(probe, width, override.weight, override.bias)
             _probe_finite(F.layer_norm(normed, width), f"LayerNorm {name}", tensors)
         hidden = probe
-        for index, layer in enumerate(memory.memory_layers()):
+        for index, layer in memory.indexed_memory_layers():
             # memory_forward, not layer(): no inference cache is built for a memory that may be refused.
             update = memory_forward(
                 hidden,

@@ -1,7 +1,8 @@
 """A task memory: the only trained, per-task part of SPARTAN.
 
-One `MemoryLayer` per Transformer layer (parent keys, child keys, child values), a task head on the
-pooled final state, and optionally the task's own copy of every backbone LayerNorm's weight and bias.
+One `MemoryLayer` per Transformer layer (parent keys, child keys, child values), or per layer of the
+top ones only (`MemorySpec.first_memory_layer`), a task head on the pooled final state, and optionally
+the task's own copy of backbone LayerNorms' weights and biases.
 """
 
 from __future__ import annotations
@@ -45,6 +46,21 @@ class MemorySpec:
     layernorm_names: tuple[str, ...] = ()
     dropout: float = 0.1
     training: dict[str, object] = field(default_factory=dict, compare=False, hash=False)
+    # Layers first_memory_layer .. num_layers - 1 carry a memory; the ones below run as the bare
+    # backbone (0 = every layer, as in the paper). Below it the task changes nothing, so training can
+    # compute those layers' outputs once per example and back-propagate through the top layers only.
+    first_memory_layer: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.first_memory_layer < self.num_layers:
+            raise ValueError(
+                f"first_memory_layer {self.first_memory_layer} is not a layer of 0..{self.num_layers - 1}"
+            )
+
+    @property
+    def memory_layer_indices(self) -> range:
+        """The Transformer layers (0 = the first) that carry a memory, in order."""
+        return range(self.first_memory_layer, self.num_layers)
 
     @property
     def num_outputs(self) -> int:
@@ -112,6 +128,10 @@ class MemoryLayer(nn.Module):
         return (2 * cells + num_parents) * hidden * self.child_keys.element_size()
 
 
+class NoMemory(nn.Module):
+    """The place of a layer without a memory (below `first_memory_layer`): no parameters, never run."""
+
+
 class TaskHead(nn.Module):
     """dense(H, H) + tanh + dropout + linear(H, outputs), on the pooled final hidden state."""
 
@@ -145,9 +165,12 @@ class TaskMemory(nn.Module):
     def __init__(self, spec: MemorySpec):
         super().__init__()
         self.spec = spec
+        # Indexed by Transformer layer, so parameter names (layers.{i}.…) name the layer they follow.
         self.layers = nn.ModuleList(
             MemoryLayer(spec.hidden_size, spec.num_parents, spec.num_children, spec.top_k, spec.temperature)
-            for _ in range(spec.num_layers)
+            if index >= spec.first_memory_layer
+            else NoMemory()
+            for index in range(spec.num_layers)
         )
         self.head = TaskHead(spec.hidden_size, spec.num_outputs, spec.dropout)
         self.layernorms = nn.ModuleDict()
@@ -160,7 +183,16 @@ class TaskMemory(nn.Module):
             self.layernorms[layernorm_key(name)] = LayerNormOverride(base.weight, base.bias)
 
     def memory_layers(self) -> list[MemoryLayer]:
-        return [layer for layer in self.layers if isinstance(layer, MemoryLayer)]
+        return [layer for _, layer in self.indexed_memory_layers()]
+
+    def indexed_memory_layers(self) -> list[tuple[int, MemoryLayer]]:
+        """(Transformer layer, its memory) for every layer that has one, bottom to top."""
+        return [(index, layer) for index, layer in enumerate(self.layers) if isinstance(layer, MemoryLayer)]
+
+    def memory_at(self, index: int) -> MemoryLayer | None:
+        """The memory after Transformer layer `index`, or None where this task has none."""
+        layer = self.layers[index]
+        return layer if isinstance(layer, MemoryLayer) else None
 
     def layernorm(self, module_name: str) -> LayerNormOverride | None:
         override = self.layernorms[key] if (key := layernorm_key(module_name)) in self.layernorms else None

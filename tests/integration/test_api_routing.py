@@ -192,6 +192,41 @@ def test_mixed_batches_count_each_task_apart(
     assert all(layer["mutual_information_bits"] == 0.0 for layer in score["layers"])
 
 
+def test_a_top_layers_task_reports_its_memory_layers_only(
+    minilm_encoder: Any, make_memory: Any, settings_for: Any, serve: Any, write_memory: Any
+) -> None:
+    """A task with memories in layers 3-5, served in mixed batches beside a task with memories in
+    every layer: its statistics and its per-prediction routing cover layers 3, 4, 5; the other's all 6."""
+    from app.spartan.memfile import memory_to_bytes
+
+    settings = settings_for(max_batch_size=64, max_wait_ms=300)
+    top = memory_to_bytes(make_memory(seed=3, labels=("a", "b", "c"), first_memory_layer=3))
+    write_memory(settings, "bbc-news", BBC)
+    write_memory(settings, "top", top)
+    records: list[BatchRecord] = []
+
+    async def scenario() -> tuple[Any, ...]:
+        async with serve(settings) as (app, client):
+            app.state.services.batcher.add_listener(records.append)
+            described = (await client.get("/v1/tasks/top")).json()
+            routed = await client.post(
+                "/v1/tasks/top/predict", json={"inputs": NEWS[:1], "return_routing": True}
+            )
+            await asyncio.gather(predict(client, "bbc-news", NEWS), predict(client, "top", NEWS))
+            return described, routed.json(), await routing(client, "top"), await routing(client, "bbc-news")
+
+    described, routed, stats, news = asyncio.run(scenario())
+    assert any(len(record.tasks) == 2 for record in records), records
+    assert described["first_memory_layer"] == 3
+    assert len(routed["predictions"][0]["routing"]) == 3
+    assert [layer["layer"] for layer in stats["layers"]] == [3, 4, 5]
+    assert [layer["layer"] for layer in news["layers"]] == list(range(6))
+    expected, _ = expected_counts(minilm_encoder, top, NEWS[:1])
+    both, _ = expected_counts(minilm_encoder, top, NEWS)
+    assert torch.equal(counts_of(stats), expected + both)
+    assert stats["tokens"] == sum(token_counts(minilm_encoder, [NEWS[0], *NEWS]))
+
+
 def test_switched_off_guarded_and_documented(settings_for: Any, serve: Any, write_memory: Any) -> None:
     off = settings_for(routing_stats=False)
     write_memory(off, "sentiment", SENTIMENT)

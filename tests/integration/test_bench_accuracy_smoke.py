@@ -20,7 +20,7 @@ def run(peers_python, repo_root, *args: str) -> str:
 
 def test_accuracy_benchmark_smoke_trains_every_method_and_reports(peers_python, repo_root, tmp_path):
     script = "benchmarks/bench_accuracy.py"
-    methods = ["head", "spartan", "pfeiffer", "lora"]
+    methods = ["head", "spartan", "pfeiffer", "lora", "spartan-fast"]
     run(peers_python, repo_root, script, "run", "--smoke", "--tasks", "trec", "--methods", *methods,
         "--seeds", "0", "--out", str(tmp_path))  # fmt: skip
     records = [
@@ -36,10 +36,18 @@ def test_accuracy_benchmark_smoke_trains_every_method_and_reports(peers_python, 
     assert all(
         by_method[m]["trainable_parameters"] > by_method["head"]["trainable_parameters"] for m in methods[1:]
     )
+    fast = by_method["spartan-fast"]  # the few-shot recipe, through the shipped trainer
+    assert fast["first_memory_layer"] == 2  # MiniLM: memories after layers 2-5
+    assert (fast["recipe"]["memory_layers"], fast["recipe"]["layernorm_layers"]) == (4, 3)
+    assert 0 < fast["seconds_to_best"] <= fast["train_seconds"]
     # A rerun finds every run recorded and trains nothing (the benchmark is resumable).
     again = run(peers_python, repo_root, script, "run", "--smoke", "--tasks", "trec", "--methods", *methods,
                 "--seeds", "0", "--out", str(tmp_path))  # fmt: skip
     assert again.startswith("0 runs to do")
+    compared = run(peers_python, repo_root, script, "compare", "--smoke", "--out", str(tmp_path))
+    assert "| trec |" in compared
+    assert "| spartan-fast - spartan | " not in compared  # one pair only: no spread to report
+    assert (tmp_path / "accuracy_fast_minilm.md").read_text() == compared.strip() + "\n"
     run(peers_python, repo_root, script, "report", "--out", str(tmp_path))
     report = (tmp_path / "accuracy.md").read_text()
     assert "| trec |" in report

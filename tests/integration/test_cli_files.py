@@ -14,6 +14,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from app.cli import cli
+from app.spartan.memfile import load_memory_file
 
 WORDS = {"pos": ["good", "fine", "great"], "neg": ["bad", "dull", "awful"]}
 
@@ -111,14 +112,27 @@ def test_train_writes_the_test_predictions_of_the_kept_epoch(tmp_path, common) -
 
 
 def test_few_shot_uses_the_few_shot_recipe_unless_told_otherwise(tmp_path, common) -> None:
+    """--few-shot: lr 3e-3, 10 epochs, dev after epochs 5 and 10, the top half of the layers trained
+    (on this 2-layer backbone: LayerNorm copies in layer 1, memories after layers 0 and 1, layer 0 run
+    once per example); options override it; without --few-shot, the full-data defaults."""
     train = write_csv(tmp_path / "t.csv", rows(40))
     base = ["train", "--train-file", train, "--few-shot", "6", "--max-length", "16", "--quiet", *common]
     run(*base, "-o", tmp_path / "fs.safetensors")
-    config = json.loads((tmp_path / "fs.json").read_text())["config"]
-    assert (config["lr"], config["epochs"]) == (3e-3, 10)  # docs/RESULTS.md, section 1.4
-    run(*base, "--lr", "1e-4", "--epochs", "2", "-o", tmp_path / "mine.safetensors")
+    report = json.loads((tmp_path / "fs.json").read_text())
+    config = report["config"]
+    assert (config["lr"], config["epochs"], config["eval_every"]) == (3e-3, 10, 5)
+    assert (config["memory_layers"], config["layernorm_layers"]) == (2, 1)
+    assert [bool(epoch["dev"]) for epoch in report["epochs"]] == [False] * 4 + [True] + [False] * 4 + [True]
+    assert report["cached_bytes"] > 0  # layer 0's output, computed once
+    spec = load_memory_file(tmp_path / "fs.safetensors").spec
+    assert spec.first_memory_layer == 0
+    assert spec.layernorm_names
+    assert all(name.startswith("encoder.layer.1.") for name in spec.layernorm_names)
+    run(*base, "--lr", "1e-4", "--epochs", "2", "--memory-layers", "1", "-o", tmp_path / "mine.safetensors")
     config = json.loads((tmp_path / "mine.json").read_text())["config"]
     assert (config["lr"], config["epochs"]) == (1e-4, 2)
+    assert (config["memory_layers"], config["layernorm_layers"]) == (1, None)
+    assert load_memory_file(tmp_path / "mine.safetensors").spec.first_memory_layer == 1
     run(
         "train",
         "--train-file",
@@ -131,7 +145,15 @@ def test_few_shot_uses_the_few_shot_recipe_unless_told_otherwise(tmp_path, commo
         tmp_path / "full.safetensors",
     )
     config = json.loads((tmp_path / "full.json").read_text())["config"]
-    assert (config["lr"], config["epochs"]) == (1e-3, 3)
+    assert (config["lr"], config["epochs"], config["eval_every"], config["memory_layers"]) == (
+        1e-3,
+        3,
+        1,
+        None,
+    )
+    assert load_memory_file(tmp_path / "full.safetensors").spec.first_memory_layer == 0
+    result = run(*base, "--memory-layers", "3", "-o", tmp_path / "deep.safetensors", code=2)
+    assert "--memory-layers 3: the backbone has 2 layers" in result.output
 
 
 def test_a_label_mismatch_names_only_the_labels_that_differ(tmp_path, common) -> None:

@@ -18,7 +18,7 @@ from transformers import (
 )
 
 from app.engine.backbone import Backbone, find_layers, fingerprint, pool
-from app.engine.encoder import RowGroup, SpartanEncoder
+from app.engine.encoder import LayerCall, RowGroup, SpartanEncoder
 from app.spartan.memory import MemorySpec, TaskMemory
 
 TEXTS = [
@@ -31,16 +31,25 @@ TEXTS = [
 
 
 def perturbed_memory(
-    encoder: SpartanEncoder, seed: int, *, layernorm: bool = True, **spec_changes
+    encoder: SpartanEncoder,
+    seed: int,
+    *,
+    layernorm: bool = True,
+    first: int = 0,
+    layernorms_from: int | None = None,
+    **spec_changes,
 ) -> TaskMemory:
-    """A memory with weights large enough to change predictions (random init is near the identity)."""
+    """A memory with weights large enough to change predictions (random init is near the identity);
+    `first`: its first memory layer; LayerNorm copies in the layers from `layernorms_from` (default
+    `first`) up."""
     backbone = encoder.backbone
     spec = MemorySpec(
         num_layers=backbone.num_layers,
         hidden_size=backbone.hidden_size,
         pooling=backbone.pooling,
-        layernorm_names=tuple(encoder.layernorm_names) if layernorm else (),
+        layernorm_names=encoder.layernorms_from(max(first, layernorms_from or 0)) if layernorm else (),
         labels=("a", "b", "c"),
+        first_memory_layer=first,
     )
     memory = TaskMemory(replace(spec, **spec_changes))
     memory.init_layernorms(encoder.base_layernorms())
@@ -78,6 +87,52 @@ def test_mixed_batch_rows_equal_each_row_served_alone(minilm_encoder):
     # Single-task batch of the same rows: same numbers again.
     single = run(minilm_encoder, TEXTS, [RowGroup(first, torch.arange(5))])[0]
     assert_f32_close(single[[0, 3]], mixed[0])
+
+
+@pytest.mark.model
+def test_a_top_layers_task_in_a_mixed_batch_equals_it_served_alone(minilm_encoder):
+    """A task with memories in layers 3-5 only, beside a task with memories in every layer: in one
+    pass, sorted (slices) or scattered rows, each row gets what it gets alone."""
+    full = perturbed_memory(minilm_encoder, 1)
+    top = perturbed_memory(minilm_encoder, 2, first=3)
+    for groups in (
+        [RowGroup(full, torch.tensor([0, 1])), RowGroup(top, torch.tensor([2, 3, 4]))],
+        [RowGroup(top, torch.tensor([0, 3])), RowGroup(full, torch.tensor([1, 2, 4]))],
+    ):
+        mixed = run(minilm_encoder, TEXTS, groups)
+        for group, outputs in zip(groups, mixed, strict=True):
+            for row, output in zip(group.rows.tolist(), outputs, strict=True):
+                assert_f32_close(output, alone(minilm_encoder, group.memory, TEXTS[row]))
+    with torch.inference_mode():
+        encoding = minilm_encoder.encode(TEXTS, None, 128)
+        out = minilm_encoder.forward(encoding, groups, record_routing=True)
+    assert out.routing is not None
+    assert [len(layers) for layers in out.routing] == [3, 6]  # top: layers 3, 4, 5 only
+
+
+@pytest.mark.model
+def test_a_top_layers_task_leaves_the_layers_below_its_first_memory_bare(minilm_encoder):
+    top = perturbed_memory(minilm_encoder, 3, first=3)
+    assert set(top.spec.layernorm_names) == {
+        f"encoder.layer.{i}.{part}.LayerNorm" for i in (3, 4, 5) for part in ("attention.output", "output")
+    }
+    outputs: list[torch.Tensor] = []
+    handles = [
+        layer.register_forward_hook(
+            lambda m, a, out: outputs.append(out[0] if isinstance(out, tuple) else out)
+        )
+        for layer in minilm_encoder.backbone.layers
+    ]
+    try:
+        run(minilm_encoder, TEXTS, [RowGroup(None, torch.arange(5))])
+        bare, outputs[:] = [o.clone() for o in outputs], []
+        run(minilm_encoder, TEXTS, [RowGroup(top, torch.arange(5))])
+    finally:
+        for handle in handles:
+            handle.remove()
+    for index in range(3):
+        assert torch.equal(outputs[index], bare[index]), index
+    assert (outputs[3] - bare[3]).abs().max() > 1e-3
 
 
 @pytest.mark.model
@@ -185,6 +240,57 @@ def tiny_backbone(family: str) -> Backbone:
     layers = find_layers(model, 3)
     # Plumbing only: these tests feed token ids directly, so no tokenizer is needed.
     return Backbone(family, model, None, layers, "first", fingerprint(model))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("family", ["bert", "mpnet"])
+@pytest.mark.parametrize("layernorms_from", [1, 2])
+def test_a_pass_started_at_a_layer_equals_the_full_forward(family, layernorms_from):
+    """What training does (features.py): each row's input to the task's resume layer computed alone,
+    re-padded into a batch, the batch's own mask (MPNet: and position bias) from a pass stopped at
+    layer 0, then the layers from there on: the full forward's outputs and gradients, to float32
+    rounding. Memories from layer 1; LayerNorm copies from layer 1 (the pass starts at layer 1) or
+    from layer 2 (it starts at layer 2, layer 1's memory applied to the cached states)."""
+    encoder = SpartanEncoder(tiny_backbone(family))
+    assert encoder.resumable()
+    memory = perturbed_memory(encoder, 11, first=1, layernorms_from=layernorms_from, labels=("x", "y"))
+    start = encoder.resume_layer(memory.spec)
+    assert start == layernorms_from
+    ids = torch.randint(5, 100, (3, 7))
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 6 + [0]])
+    ids[mask == 0] = 1  # the pad token
+    encoding = {"input_ids": ids, "attention_mask": mask}
+    groups = [RowGroup(memory, torch.arange(3))]
+    full = encoder.forward(encoding, groups)
+    assert full.outputs[0] is not None
+    full_grads = torch.autograd.grad(full.outputs[0].sum(), list(memory.parameters()))
+    hidden = torch.zeros(3, 7, encoder.backbone.hidden_size)
+    for row in range(3):
+        length = int(mask[row].sum())
+        alone = {"input_ids": ids[row : row + 1, :length], "attention_mask": mask[row : row + 1, :length]}
+        states, _ = encoder.layer_input(alone, start)
+        hidden[row, :length] = states[0]
+    cached = hidden.clone()
+    _, call = encoder.layer_input(encoding, 0)
+    started = encoder.forward_from(start, hidden, call, mask, groups)
+    assert started.outputs[0] is not None
+    assert_f32_close(started.outputs[0], full.outputs[0])
+    grads = torch.autograd.grad(started.outputs[0].sum(), list(memory.parameters()))
+    for got, expected in zip(grads, full_grads, strict=True):
+        assert_f32_close(got, expected)
+    with torch.inference_mode():  # serving's in-place updates leave the cached states alone
+        encoder.forward_from(start, hidden, call, mask, groups)
+    assert torch.equal(hidden, cached)
+    with pytest.raises(ValueError, match=f"changes layer {start - 1} or one below it"):
+        encoder.forward_from(
+            start, hidden, call, mask, [RowGroup(perturbed_memory(encoder, 12), torch.arange(3))]
+        )
+
+
+def test_families_that_cannot_start_mid_way_say_so():
+    encoder = SpartanEncoder(tiny_backbone("distilbert"))
+    assert not encoder.resumable()
+    with pytest.raises(ValueError, match="does not support"):
+        encoder.forward_from(1, torch.zeros(1, 2, 32), LayerCall((), {}), torch.ones(1, 2), [])
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

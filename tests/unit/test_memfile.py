@@ -15,6 +15,7 @@ from tiny_memories import BACKBONE, make_memory
 
 from app.errors import BackboneMismatch, MemoryInvalid, PoolingMismatch
 from app.spartan.memfile import (
+    BackboneIdentity,
     load_memory,
     load_memory_file,
     memory_tensors,
@@ -64,9 +65,14 @@ def test_regression_memory_has_one_output():
     assert loaded.head.out.out_features == 1
 
 
-def expect_invalid(data: bytes, *fragments: str, error: type[Exception] = MemoryInvalid) -> None:
+def expect_invalid(
+    data: bytes,
+    *fragments: str,
+    error: type[Exception] = MemoryInvalid,
+    backbone: BackboneIdentity = BACKBONE,
+) -> None:
     with pytest.raises(error) as caught:
-        load_memory(data, BACKBONE)
+        load_memory(data, backbone)
     for fragment in fragments:
         assert fragment in str(caught.value), f"{fragment!r} not in {caught.value!s}"
 
@@ -261,3 +267,73 @@ def test_a_memory_trained_with_another_pooling_is_refused() -> None:
         load_memory(first, mean_backbone)
     assert load_memory(first, dataclasses.replace(BACKBONE, pooling="first")).spec.pooling == "first"
     assert load_memory(first, BACKBONE).spec.pooling == "first"  # pooling unknown: not checked
+
+
+# ---------------------------------------------------------------- memories in the top layers only
+
+TOP_LN = ("encoder.layer.1.output.LayerNorm",)
+LAYERED = dataclasses.replace(
+    BACKBONE,
+    layernorm_names=(*BACKBONE.layernorm_names, *TOP_LN),
+    layernorm_layers=(("embeddings.LayerNorm", -1), ("encoder.layer.0.output.LayerNorm", 0), (TOP_LN[0], 1)),
+)
+
+
+def test_a_top_layers_memory_round_trips_with_only_its_layers_tensors():
+    memory = make_memory(first_memory_layer=1, layernorm_names=TOP_LN)
+    data = memory_to_bytes(memory)
+    loaded = load_memory(data, LAYERED)
+    assert loaded.spec == memory.spec
+    assert loaded.spec.first_memory_layer == 1
+    assert [index for index, _ in loaded.indexed_memory_layers()] == [1]
+    assert loaded.memory_at(0) is None
+    names = set(memory_tensors(loaded))
+    assert {"layers.1.parent_keys", "layers.1.child_keys", "layers.1.child_values"} <= names
+    assert not any(name.startswith("layers.0.") for name in names)
+    for name, tensor in memory_tensors(memory).items():
+        assert torch.equal(memory_tensors(loaded)[name], tensor), name
+    assert spec_metadata(memory.spec)["first_memory_layer"] == "1"
+    # Resident bytes count the one memory layer, not a placeholder for the other.
+    assert loaded.resident_bytes() < make_memory(layernorm_names=TOP_LN).resident_bytes()
+
+
+def test_a_memory_in_every_layer_is_written_as_before_and_old_files_mean_every_layer():
+    memory = make_memory()
+    assert "first_memory_layer" not in spec_metadata(memory.spec)  # the file is what it always was
+    loaded = load_memory(memory_to_bytes(memory), BACKBONE)
+    assert loaded.spec.first_memory_layer == 0
+    assert [index for index, _ in loaded.indexed_memory_layers()] == [0, 1]
+
+
+def test_first_memory_layer_out_of_range_or_not_an_integer_is_refused():
+    tensors, metadata = parts(make_memory(first_memory_layer=1, layernorm_names=TOP_LN))
+    for bad, message in (("2", "first_memory_layer=2 is out of range [0, 1]"),
+                         ("-1", "first_memory_layer=-1 is out of range"),
+                         ("one", "first_memory_layer='one' is not an integer")):  # fmt: skip
+        expect_invalid(rebuild(tensors, {**metadata, "first_memory_layer": bad}), message, backbone=LAYERED)
+
+
+def test_a_top_layers_file_must_hold_exactly_its_layers_tensors():
+    tensors, metadata = parts(make_memory(first_memory_layer=1, layernorm_names=TOP_LN))
+    expect_invalid(
+        rebuild({**tensors, "layers.0.parent_keys": torch.zeros(4, 8)}, metadata),
+        "unexpected tensors: layers.0.parent_keys",
+        backbone=LAYERED,
+    )
+    full_tensors, _ = parts(make_memory(layernorm_names=TOP_LN))
+    old_reader = {k: v for k, v in metadata.items() if k != "first_memory_layer"}
+    expect_invalid(rebuild(tensors, old_reader), "missing tensors: layers.0.", backbone=LAYERED)
+    expect_invalid(rebuild(full_tensors, metadata), "unexpected tensors: layers.0.", backbone=LAYERED)
+
+
+def test_a_top_layers_memory_may_not_carry_layernorms_below_its_first_memory_layer():
+    memory = make_memory(first_memory_layer=1)  # carries the embeddings' and layer 0's LayerNorms
+    expect_invalid(
+        memory_to_bytes(memory),
+        "from layer 1 up",
+        "embeddings.LayerNorm",
+        "encoder.layer.0.output.LayerNorm",
+        backbone=LAYERED,
+    )
+    # Without the backbone's layer map (an older identity) the placement is not checked.
+    assert load_memory(memory_to_bytes(memory), BACKBONE).spec.first_memory_layer == 1
