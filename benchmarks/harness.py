@@ -226,6 +226,11 @@ def header(report: Mapping[str, Any]) -> str:
     )
 
 
+def load_warning(cpus: int | None, load: float, text: str) -> list[str]:
+    """`text` as a bold markdown warning (and a blank line) when the load average exceeded the CPUs."""
+    return [f"**Warning: {text}**", ""] if load > (cpus or 1) else []
+
+
 def table(head: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:
     """A markdown table."""
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
