@@ -364,6 +364,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=[m for m in TRAINABLE_METHODS if m != "ia3"])
     parser.add_argument("--variants", nargs="+", default=list(PILOT), help="pilot: recipe variants")
     parser.add_argument("--against", nargs="+", default=["spartan", "pfeiffer"], help="compare: baselines")
+    parser.add_argument("--method", default=FAST, help="compare: the method compared (default: the recipe)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--shard", type=parse_shard, default=(0, 1))
     parser.add_argument(
@@ -387,8 +388,9 @@ def main() -> None:
     if args.smoke:
         args.setting = "smoke"
     if args.step == "compare":  # the few-shot recipe against today's SPARTAN (and peers), paired
-        table = compare(results_file(args.setting, args.backbone, args.out), FAST, args.against)
-        (args.out / f"accuracy_fast_{args.backbone}.md").write_text(table)
+        table = compare(results_file(args.setting, args.backbone, args.out), args.method, args.against)
+        if args.method == FAST:
+            (args.out / f"accuracy_fast_{args.backbone}.md").write_text(table)
         print(table)
         return
     if args.step == "pilot":
