@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.model, pytest.mark.slow]
 ADMIN_KEY = "fuzz-admin-key-0123456789"
 # Per operation and mode: schema-valid (positive) and schema-invalid (negative) requests. Operations
 # without parameters (listings, probes) have only a handful of distinct cases.
-EXAMPLES_PER_MODE = 250
+EXAMPLES_PER_MODE = 150
 CASES: Counter[str] = Counter()
 # Every check runs (no 5xx, status codes, content types, headers and bodies match the schema, schema-
 # invalid requests are refused, auth is enforced) but one: a schema-valid request may still be refused
@@ -90,4 +90,4 @@ def test_every_generated_request_gets_a_schema_conformant_non_5xx_answer(replica
             except Exception as err:  # every operation runs; all failures are reported together
                 failures[f"{operation.label} {mode.value}"] = f"{type(err).__name__}: {err}"[:3000]
     assert not failures, "\n\n".join(f"{label}:\n{text}" for label, text in failures.items())
-    assert sum(CASES.values()) >= 2000
+    assert sum(CASES.values()) >= 20 * EXAMPLES_PER_MODE  # 22 operations x modes draw cases

@@ -7,6 +7,7 @@ registry starting on it must serve exactly that version and leave no partial fil
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import signal
 import subprocess
@@ -56,29 +57,50 @@ def versions(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return paths
 
 
-def kill_writer_at_random(store_env: dict[str, str], versions: list[Path], rng: random.Random) -> None:
-    """Start a writer and kill -9 it at a random moment: half the time anywhere in its upload loop
-    (20-600 ms after start), half the time 0-5 ms into one of its store writes (the critical window,
-    too short to hit often by chance)."""
-    command = [
-        sys.executable,
-        str(ROOT / "tests" / "reliability" / "crash_writer.py"),
-        "task",
-        *map(str, versions),
-    ]
-    env = {"PYTHONPATH": str(ROOT), **store_env}  # the writer's store comes from these SPARTAN_* settings
-    writer = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, env=env)
-    assert writer.stdout is not None
-    assert writer.stdout.readline().strip() == b"ready"
-    if rng.random() < 0.5:
-        time.sleep(rng.uniform(0.02, 0.6))
-    else:
-        for _ in range(rng.randint(1, 3)):
-            assert writer.stdout.readline().strip() == b"write"
-        time.sleep(rng.uniform(0, 0.005))
-    writer.send_signal(signal.SIGKILL)
-    writer.wait(10)
-    writer.stdout.close()
+class Writers:
+    """The parent of the writers (tests/reliability/crash_writer.py): it forks a fresh writer process per
+    kill, so 25 kills do not pay 25 interpreter and torch start-ups."""
+
+    def __init__(self, store_env: dict[str, str], versions: list[Path]) -> None:
+        command = [sys.executable, str(ROOT / "tests" / "reliability" / "crash_writer.py"), "task"]
+        env = {"PYTHONPATH": str(ROOT), **store_env}  # the writers' store comes from these SPARTAN_* settings
+        self.parent = subprocess.Popen(
+            [*command, *map(str, versions)], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+        )
+
+    def command(self, line: str) -> None:
+        assert self.parent.stdin is not None
+        self.parent.stdin.write(f"{line}\n".encode())
+        self.parent.stdin.flush()
+
+    def read(self) -> str:
+        assert self.parent.stdout is not None
+        return self.parent.stdout.readline().decode().strip()
+
+    def kill_one_at_random(self, rng: random.Random) -> None:
+        """Start a writer and kill -9 it at a random moment: half the time anywhere in its upload loop
+        (20-600 ms after start), half the time 0-5 ms into one of its store writes (the critical window,
+        too short to hit often by chance)."""
+        self.command("fork")
+        ready, _, pid = self.read().partition(" ")
+        assert ready == "ready", f"the writer did not start: {ready!r} (its traceback is on stderr)"
+        if rng.random() < 0.5:
+            time.sleep(rng.uniform(0.02, 0.6))
+        else:
+            for _ in range(rng.randint(1, 3)):
+                assert self.read() == "write"
+            time.sleep(rng.uniform(0, 0.005))
+        os.kill(int(pid), signal.SIGKILL)
+        self.command(f"reap {pid}")
+        while (line := self.read()) != "reaped":  # "write" lines printed before the kill landed
+            assert line == "write", f"unexpected line from the writers: {line!r}"
+
+    def close(self) -> None:
+        self.parent.kill()
+        self.parent.wait(10)
+        for pipe in (self.parent.stdin, self.parent.stdout):
+            if pipe is not None:
+                pipe.close()
 
 
 def check_store_after_crash(store: MemoryStore, allowed: set[str]) -> str | None:
@@ -115,8 +137,10 @@ def test_kill_9_during_uploads_never_leaves_a_partial_or_missing_version(
     rng = random.Random(f"crash-{kind}")
     seen: list[str | None] = []
     mid_write = 0  # kills that left a partial temp file (local store: the write was cut mid-way)
+    writers = Writers(store_env, versions)
+    request.addfinalizer(writers.close)
     for _ in range(KILLS_PER_STORE):
-        kill_writer_at_random(store_env, versions, rng)
+        writers.kill_one_at_random(rng)
         if kind == "local":
             mid_write += any(location.glob("*.tmp"))
         seen.append(check_store_after_crash(store, allowed))
