@@ -40,6 +40,7 @@ MEMORIES = ROOT / "memories"
 MINILM = "all-MiniLM-L6-v2"
 _K = TypeVar("_K", bound=Hashable)
 _R = TypeVar("_R")
+_P = TypeVar("_P", bound="Process")
 
 
 def package_version(package: str) -> str | None:
@@ -487,6 +488,12 @@ class Process:
 
     def kill9(self) -> None:
         self.stop(signal.SIGKILL)
+
+    def __enter__(self: _P) -> _P:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 _Serve = TypeVar("_Serve", bound="ServeProcess")
