@@ -313,9 +313,11 @@ def against_baseline(store: Path, texts: Path, config: Config, baseline_root: Pa
     with contextlib.ExitStack() as stack:
         servers = {
             name: stack.enter_context(harness.serve_store(store, batch_size=config.batch_size,
-                                                          threads=config.threads, root=root))
+                                                          threads=config.threads, root=root, wait=False))
             for name, root in roots.items()
         }  # fmt: skip
+        for server in servers.values():  # started together, both ready before the first window
+            server.wait_ready()
         result = window_rounds(
             roots,
             config.ab_rounds,
@@ -566,7 +568,7 @@ def run(args: Any) -> dict[str, Any]:
     encoder = harness.encoder(name=Settings().backbone)
     texts, corpus = load_texts(Settings().cache_dir)
     env = harness.environment(backbone=encoder.backbone.name, corpus=corpus, threads=config.threads)
-    env["idle_before_start"] = harness.cpu_idle_fraction()
+    env["idle_before_start"] = harness.cpu_idle_fraction(0.5 if args.smoke else 2.0)
     results: dict[str, Any] = {"config": asdict(config), "environment": env}
     results["command"] = harness.command_line("bench_service_load.py")
     with tempfile.TemporaryDirectory(prefix="spartan-bench-") as tmp:
