@@ -331,14 +331,8 @@ def main() -> None:
                      help="weight scales of the int8 Linear layers (per-tensor: torch's)")  # fmt: skip
     args = cli.parse_args()
     if args.smoke:  # MiniLM, batch 1 and 2, length 16, 1 thread
-        args.backbones, args.batches, args.lengths, args.rounds, args.target_seconds = (
-            ["minilm"],
-            [1, 2],
-            [16],
-            2,
-            0.01,
-        )
-        args.threads = 1
+        args.backbones, args.batches, args.lengths, args.rounds = ["minilm"], [1, 2], [16], 2
+        args.target_seconds, args.threads = 0.01, 1
     if not {"bare", "spartan"} <= set(args.contenders):
         cli.error("bare (the reference of every ratio) and spartan (the subject) must be contenders")
     report: dict[str, Any] = {"command": harness.command_line("bench_speed.py", ".venv-peers/bin/python")}
