@@ -121,7 +121,10 @@ async def upload_all(url: str, data: bytes, count: int, retry: bool) -> list[dic
         return list(await asyncio.gather(*(one(i) for i in range(count))))
 
 
-def uploads(server: harness.ServeProcess, data: bytes, count: int, retry: bool) -> dict[str, Any]:
+def uploads(
+    server: harness.ServeProcess, data: bytes, count: int, retry: bool, settle_s: float
+) -> dict[str, Any]:
+    """`count` concurrent uploads; RSS sampled every 20 ms, `settle_s` after the uploads and the deletes."""
     samples: list[int] = []
     stop = threading.Event()
 
@@ -135,11 +138,11 @@ def uploads(server: harness.ServeProcess, data: bytes, count: int, retry: bool) 
     started = time.monotonic()
     records = asyncio.run(upload_all(server.url, data, count, retry))
     seconds = time.monotonic() - started
-    time.sleep(3)
+    time.sleep(settle_s)
     resident = harness.rss_bytes(server.pid)
     for i in range(count):
         httpx.delete(f"{server.url}/v1/tasks/big-{i}", timeout=60)
-    time.sleep(3)
+    time.sleep(settle_s)
     stop.set()
     sampler.join()
     mib = 2**20
@@ -198,13 +201,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = harness.shipped_store(Path(tmp))
         for number in range(rounds):  # a fresh server per round: rounds do not share a warm heap
-            server = harness.serve_store(store, threads=2, env=env)
-            try:
+            with harness.serve_store(store, threads=2, env=env) as server:
                 report["huge"].append(asyncio.run(huge(server.url, big, texts, 10_000)))
                 for count, retry in bursts if number == rounds - 1 else ():
-                    report["uploads"].append(uploads(server, data, count, retry))
-            finally:
-                server.stop()
+                    report["uploads"].append(uploads(server, data, count, retry, 1.0 if args.smoke else 3.0))
     harness.finish(args.out, "abuse", report, markdown)
 
 

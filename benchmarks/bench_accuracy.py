@@ -59,7 +59,6 @@ from benchmarks.peers import (
     silence_backbone_dropout,
 )
 
-RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 SUITE = ("movie", "imdb", "banking77", "clinc150", "trec", "stackoverflow", "20ng", "dbpedia", "clinc-pair")
 # The grid every method gets: its usual learning rate and one step either side (x/3, x*3).
 CENTRE_LR = {
@@ -231,7 +230,7 @@ def run_one(
     )  # fmt: skip
 
 
-read_records, append_record = harness.read_records, harness.append_record  # bench_spartan_tuning uses them
+read_records, append_record = harness.read_records, harness.append_record
 
 
 def execute(plan: list[tuple[Any, ...]], path: Path, cache_dir: Path, shard: tuple[int, int]) -> None:
@@ -353,9 +352,7 @@ def plan_runs(args: argparse.Namespace, lrs: dict[str, float]) -> Iterator[tuple
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = harness.parser(__doc__, harness.RESULTS)
     parser.add_argument("step", choices=("lr-search", "pilot", "run", "compare", "report"))
     parser.add_argument("--backbone", default="minilm")
     parser.add_argument("--setting", choices=("few", "full"), default="few")
@@ -367,12 +364,8 @@ def main() -> None:
     parser.add_argument("--method", default=FAST, help="compare: the method compared (default: the recipe)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--shard", type=parse_shard, default=(0, 1))
-    parser.add_argument(
-        "--lrs-from", help="use the learning rates another backbone's lr-search chose (saves a search)"
-    )
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--smoke", action="store_true", help="a few examples of one task, seconds")
+    lrs_from = "use the learning rates another backbone's lr-search chose (saves a search)"
+    parser.add_argument("--lrs-from", help=lrs_from)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cache_dir = Settings().cache_dir
@@ -413,11 +406,8 @@ def main() -> None:
         return
     lrs_from = args.lrs_from or args.backbone
     source = results_file("lrsearch", lrs_from, args.out)
-    lrs = (
-        {m: CENTRE_LR[m] for m in args.methods if m in CENTRE_LR}
-        if args.smoke
-        else chosen_lrs(source, lrs_from)
-    )
+    smoke_lrs = {m: CENTRE_LR[m] for m in args.methods if m in CENTRE_LR}
+    lrs = smoke_lrs if args.smoke else chosen_lrs(source, lrs_from)
     lrs[FAST] = FEW_SHOT_LR  # the recipe's own, not searched
     lrs |= {f"{FAST}[{name}]": changes["lr"] for name, changes in PILOT.items()}
     missing = [m for m in args.methods if m not in lrs]

@@ -1,28 +1,17 @@
 """The CPU engine: backbone runtimes side by side, what the memories cost on the chosen one, and the
-accuracy the default precision keeps.
+accuracy the default precision keeps (contenders and method: docs/BENCHMARKS.md, "Engine").
 
     python benchmarks/bench_engine.py speed       # every runtime, each in its own process (~10 min)
     python benchmarks/bench_engine.py speed --runtimes torch:fp32 --threads 2 --cells 1x128 32x128 --rounds 9
                                                   # the memories' overhead (docs/BENCHMARKS.md, section 2)
     python benchmarks/bench_engine.py accuracy    # the shipped memories, fp32 vs bf16 (the default) and int8
     python benchmarks/bench_engine.py speed --smoke --out /tmp/x   # seconds; run by the tests
-
-`speed` runs, per thread count and per cell (batch x length, inputs of exactly that many tokens, no
-padding), one child process per runtime:
-* torch fp32 / bf16: transformers' own model (`eager`, no hooks: every cost the project adds is counted),
-  the project's encoder with no memory (`bare`), with one shipped task (`spartan-1`, its own LayerNorms
-  on), with 6 tasks mixed in one pass (`spartan-6`, batches >= 6), and the served path for those 6 tasks
-  (`served-6`: EncoderRunner's tokenising, padding, forward, probabilities as numbers);
-* ONNX Runtime fp32 / dynamic int8 (per-channel) and OpenVINO fp32 / bf16, the bare backbone (they cannot
-  run per-row memories after every layer; see docs/ENGINE.md), from the runtimes environment
-  (`make runtimes-env`).
-Contenders of one process alternate in rotated rounds; ratios are per round. Each child also returns its
-pooled output on a fixed probe batch; the parent reports its cosine to torch fp32.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable
@@ -71,7 +60,7 @@ def torch_contenders(state: dict[str, Any], batch: int, length: int) -> dict[str
     return contenders
 
 
-def torch_child(precision: str, cells: list[tuple[int, int]], rounds: int) -> dict[str, Any]:
+def torch_child(precision: str, cells: list[tuple[int, int]], rounds: int, target_s: float) -> dict[str, Any]:
     import torch
 
     from app.engine.encoder import RowGroup
@@ -85,9 +74,8 @@ def torch_child(precision: str, cells: list[tuple[int, int]], rounds: int) -> di
     results = []
     with torch.inference_mode():
         for batch, length in cells:
-            per_round = harness.alternate(
-                torch_contenders(state, batch, length), rounds=rounds, items_per_call=batch
-            )
+            contenders = torch_contenders(state, batch, length)
+            per_round = harness.alternate(contenders, rounds=rounds, items_per_call=batch, target_s=target_s)
             cell: dict[str, Any] = {"batch": batch, "length": length}
             cell.update({name: harness.spread(values) for name, values in per_round.items()})
             cell["vs_bare"] = harness.ratios({k: v for k, v in per_round.items() if k != "eager"}, "bare")
@@ -100,10 +88,13 @@ def torch_child(precision: str, cells: list[tuple[int, int]], rounds: int) -> di
 
 
 def export_onnx(folder: Path) -> tuple[Path, Any]:
-    """The fp32 backbone as ONNX (dynamic batch and length), with its tokenizer."""
+    """The fp32 backbone as ONNX (dynamic batch and length), with its tokenizer; the export is made by
+    the run's first child that needs it, in the run's folder, and read by the others."""
     import torch
 
     backbone = harness.encoder().backbone
+    if (folder / "backbone.onnx").exists():
+        return folder / "backbone.onnx", backbone.tokenizer
     sample = harness.fixed_length_batch(backbone.tokenizer, 2, 16)
     names, path = list(sample), folder / "backbone.onnx"
 
@@ -151,10 +142,11 @@ def openvino_model(path: Path, precision: str, threads: int) -> Callable[[Any], 
     return lambda inputs: request.infer({k: v for k, v in inputs.items() if k in names})[0].copy()
 
 
-def other_child(runtime: str, precision: str, threads: int, cells: list[tuple[int, int]], rounds: int) -> Any:
+def other_child(runtime: str, precision: str, cells: list[tuple[int, int]], args: Any) -> Any:
     import numpy as np
 
-    path, tokenizer = export_onnx(Path(tempfile.mkdtemp(prefix="bench-engine-")))
+    path, tokenizer = export_onnx(Path(args.onnx_dir))
+    threads, rounds = args.threads[0], args.rounds
     infer = (onnxruntime_session if runtime == "onnxruntime" else openvino_model)(path, precision, threads)
 
     def batch_of(batch: int, length: int) -> dict[str, Any]:
@@ -164,7 +156,7 @@ def other_child(runtime: str, precision: str, threads: int, cells: list[tuple[in
     for batch, length in cells:
         inputs = batch_of(batch, length)
         run = {"bare": lambda inputs=inputs: infer(inputs)}
-        per_round = harness.alternate(run, rounds=rounds, items_per_call=batch)
+        per_round = harness.alternate(run, rounds=rounds, items_per_call=batch, target_s=args.target_seconds)
         results.append({"batch": batch, "length": length, "bare": harness.spread(per_round["bare"])})
     probe = batch_of(4, 64)
     weights = probe["attention_mask"][..., None].astype(np.float32)  # mean pooling, as the backbone's
@@ -179,9 +171,9 @@ def child(args: Any) -> None:
     cells = [tuple(map(int, cell.split("x"))) for cell in args.cells]
     runtime, precision = args.runtime.split(":")
     if runtime == "torch":
-        result = torch_child(precision, cells, args.rounds)  # type: ignore[arg-type]
+        result = torch_child(precision, cells, args.rounds, args.target_seconds)  # type: ignore[arg-type]
     else:
-        result = other_child(runtime, precision, args.threads[0], cells, args.rounds)  # type: ignore[arg-type]
+        result = other_child(runtime, precision, cells, args)  # type: ignore[arg-type]
     print(json.dumps(result))
 
 
@@ -190,6 +182,8 @@ def speed(args: Any) -> None:
 
     if args.smoke:
         args.cells, args.threads, args.rounds, args.runtimes = ["1x16", "8x16"], [2], 2, SMOKE_RUNTIMES
+        args.target_seconds = 0.02
+    onnx_dir = tempfile.mkdtemp(prefix="bench-engine-")
     report: dict[str, Any] = {"environment": harness.environment(rounds=args.rounds), "runs": []}
     runtimes = [r for r in args.runtimes if r.startswith("torch:") or RUNTIMES_PYTHON.exists()]
     runs = report["runs"]
@@ -197,7 +191,8 @@ def speed(args: Any) -> None:
         for runtime in runtimes:
             python = sys.executable if runtime.startswith("torch:") else str(RUNTIMES_PYTHON)
             command = [python, __file__, "child", "--runtime", runtime, "--threads", str(threads),
-                       "--rounds", str(args.rounds), "--cells", *args.cells]  # fmt: skip
+                       "--rounds", str(args.rounds), "--target-seconds", str(args.target_seconds),
+                       "--onnx-dir", onnx_dir, "--cells", *args.cells]  # fmt: skip
             print(f"{runtime}, {threads} threads ...", flush=True)
             name, precision = runtime.split(":")
             result = harness.run_child(command, timeout_s=1800)
@@ -207,6 +202,7 @@ def speed(args: Any) -> None:
     for run in runs:
         cosine = torch.nn.functional.cosine_similarity(torch.tensor(run.pop("probe")), reference)
         run["cosine_to_torch_fp32"] = float(cosine.min())
+    shutil.rmtree(onnx_dir, ignore_errors=True)
     report["command"] = harness.command_line("bench_engine.py")
     harness.finish(args.out, args.name.format(command="speed"), report, render_speed, smoke=args.smoke)
 
@@ -276,7 +272,7 @@ def accuracy(args: Any) -> None:
     for task, memory in harness.shipped_memories(encoders["fp32"]).items():
         dataset, config = str(memory.spec.training.get("dataset")), memory.spec.training.get("config") or {}
         data = load_named(dataset, Settings().cache_dir, seed=int(config.get("seed", 42)))
-        examples = data.test[: 200 if args.smoke else None]
+        examples = data.test[: 64 if args.smoke else None]
         gold = torch.tensor([memory.spec.labels.index(str(ex.label)) for ex in examples])
         chunks = [
             [Row(memory, ex.text, ex.text_pair) for ex in examples[i : i + 32]]
@@ -333,6 +329,8 @@ def main() -> None:
     cli.add_argument("--cells", nargs="+", default=CELLS, help="BATCHxLENGTH")
     cli.add_argument("--runtimes", nargs="+", choices=RUNTIMES, default=RUNTIMES)
     cli.add_argument("--runtime", choices=RUNTIMES, help="child: its runtime")
+    cli.add_argument("--target-seconds", type=float, default=0.5, help="speed: length of one timing")
+    cli.add_argument("--onnx-dir", help="child: the run's folder of the ONNX export")
     args = cli.parse_args()
     args.threads = args.threads or ([1, 2] if args.command == "speed" else [2])
     {"speed": speed, "accuracy": accuracy, "child": child}[args.command](args)

@@ -1,31 +1,8 @@
 """Memory layer: time and peak memory of each implementation as the memory grows, at fixed k and C.
 
-The claim under test (issue "The paper's claims, measured"): at fixed k = 8 and C = 4 children per parent,
-the memory layer's cost stays flat (within 1.5x) from M = 48 to 16,384 cells (E = M / C parents), because
-each token touches only its k chosen parents' children.
-
-Paths, all on the parameters of a real MemoryLayer (app/spartan/memory.py):
-  sparse    app.spartan.layer.sparse_memory: gathers only the k chosen parents' rows (should be flat);
-  dense     all M cells as two GEMMs: dense_memory in training, in inference the cached child-major layout
-            MemoryLayer serves its dense sizes with. O(M) by construction;
-  auto      what the product runs: MemoryLayer.forward (dense up to DENSE_MAX_CELLS cells, sparse above);
-  router    what every path pays, O(E) by the method's definition: P h over all E parents, topk, softmax;
-  topk      the topk over E alone, on precomputed logits (inference only);
-  expanded  the published reference code's v2: expand the memory to [N, E, C, H], then gather. Only the
-            baseline the spec warns about, run on request (--paths); its backward is not run where its
-            [N, E, C, H] gradient would pass 4 GiB.
-Modes: infer = forward under torch.inference_mode; train = forward, then backward of a fixed random upstream
-gradient w.r.t. P, K, V and the input states h (every layer's input gradient flows on to the earlier layers'
-memories). Shapes: batch = 16 x 128 = 2,048 tokens, H = 384 (MiniLM), both modes; serve = 8 x 64 = 512
-tokens, about what the service's batcher forms for MiniLM, inference, sparse / dense / auto only.
-
-Time: every contender in one process; one warm-up call each, then rotated rounds (the harness's). One sample =
-the mean of back-to-back calls repeated until they have lasted 50 ms (at most 50 calls; one call when slower).
-OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE unless the environment sets it): with spinning threads
-and other jobs on the 2 CPUs a 3 ms call took ~48 ms, which measures the scheduler rather than the layer.
-Peak memory: a fresh subprocess per M (per case in the smoke run: one), glibc's mmap threshold at 64 KiB;
-per contender one warm-up call, then VmHWM - VmRSS around one call (harness.peak_mib): the working memory
-on top of what is resident (parameters, states, inference cache: reported apart, from the tensors' sizes).
+The claim under test: at fixed k = 8 and C = 4 children per parent, the memory layer's cost stays flat
+(within 1.5x) from M = 48 to 16,384 cells (E = M / C parents). Paths (sparse, dense, auto, router, topk,
+expanded), modes, shapes and how time and peak memory are taken: docs/BENCHMARKS.md, "Memory scaling".
 
     python benchmarks/bench_memory_scaling.py          # docs/bench_memory_scaling.{json,md,png}
     python benchmarks/bench_memory_scaling.py --children 3 --cells 48 4096 --shapes batch \\
@@ -44,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-# Before torch starts OpenMP (see the docstring); set OMP_WAIT_POLICY yourself to measure otherwise.
+# Before torch starts OpenMP (docs/BENCHMARKS.md, section 4); set OMP_WAIT_POLICY to measure otherwise.
 os.environ["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 import torch.nn.functional as F
@@ -325,7 +302,7 @@ def render(report: dict[str, Any]) -> str:
         f"shapes {'; '.join(report['shapes'].values())}; DENSE_MAX_CELLS = {report['dense_max_cells']:,}. "
         f"Median over {report['rounds']} rounds [min, max]; load average after each round "
         f"{', '.join(f'{a:.1f}' for a in report['load_per_round'])}. "
-        "Method: the script's docstring (`python benchmarks/bench_memory_scaling.py --help`).",
+        "Method: docs/BENCHMARKS.md, section 4.",
         "",
         f"![time and peak memory vs M]({report['name']}.png)",
         "",

@@ -1,17 +1,8 @@
 """Do memory parents specialise in topics? The shipped BBC News memory (5 topics) on its test split.
 
-Every real (non-padding) token chooses top-k parents in every layer; we count, per layer, how often each
-parent is chosen by the tokens of each TRUE topic, and measure specialisation as the mutual information
-I(parent; topic) in bits. Its ceiling is min(H(topic), log2(E / k)) = 1 bit for E = 16, k = 8: no
-parent can take more than 1/k of a topic's choices. Two controls:
-  shuffled   the same counts with the document labels permuted (`--shuffles` times; mean and max): what
-             MI the clustering of tokens into documents gives by chance, with no topic information;
-  untrained  a freshly initialised memory of the same spec (and the backbone's own LayerNorms): what
-             routing through random parent keys picks up from the backbone's topic-laden states.
-A document-level view counts, per layer, each document's most chosen parent ("majority parent") and
-takes the MI between it and the topic, with its own shuffled control (few documents per cell bias this
-estimate upwards). Counting uses app/spartan/routing_stats.py, the code behind the service's
-GET /v1/tasks/{task}/routing.
+Mutual information I(parent; topic) per layer, token level and document level, against a shuffled-label
+and an untrained-memory control (method: docs/BENCHMARKS.md, "Parent specialisation"). Counting uses
+app/spartan/routing_stats.py, the code behind the service's GET /v1/tasks/{task}/routing.
 
     python benchmarks/bench_routing.py          # test split -> docs/bench_routing.{json,md}, routing_bbc.png
     python benchmarks/bench_routing.py --smoke  # 10 documents, seconds (run by the tests)
@@ -212,7 +203,7 @@ def render(report: dict[str, Any]) -> str:
         f"{report['max_length']}), "
         f"E = {report['num_parents']} parents, k = {report['top_k']} per token per layer. Accuracy on these "
         f"documents: trained {trained['accuracy']:.3f}, untrained {untrained['accuracy']:.3f}. Method and "
-        "controls: `python benchmarks/bench_routing.py --help`.",
+        "controls: docs/BENCHMARKS.md, section 4.",
         "",
         f"Token level: MI(parent; true topic) in bits; its ceiling min(H(topic) = "
         f"{trained['topic_entropy_bits']:.2f}, log2(E / k)) = {ceiling:.2f} bits. Shuffled: "

@@ -1,29 +1,21 @@
 """Load benchmark of the service: 16 tasks, Zipf and uniform popularity, against two baselines.
 
-What it measures (results to docs/SERVICE_BENCHMARKS.md, docs/service_load.png, docs/service_load.json):
-* throughput, p50 and p99 latency of `spartan serve` under a closed-loop load of single-input requests
-  spread over 16 tasks, with Zipf (s=1) and with uniform task popularity;
-* in-process, in rotated rounds: (a) the bare backbone (tokenise + forward, no HTTP, no memories) at the
-  same batch size and thread count; the mixed-task forward with memories through the service's runner;
-  the service's own Batcher over that runner; and one row at a time;
-* baseline (b): the same app with max batch size 1 (a naive one-request-at-a-time server);
-* upload-to-first-prediction: PUT a new task memory, then predict with it, on an idle server;
-* RSS of a server with 1,000 registered tasks, all made resident, vs the backbone-only RSS plus the
-  resident memories' bytes;
-* with --baseline-root DIR: the same Zipf load against a server from another checkout, round by round.
-
-The load generator is a separate process (this script with `loadgen`); the server is
-`python -m app.cli serve` in another process. Everything runs on loopback.
+Throughput and latency of `spartan serve` under closed-loop single-input requests (the load generator is
+this script with --loadgen, in its own process), beside in-process contenders in rotated rounds, a naive
+max-batch-1 server, upload-to-first-prediction and the RSS of 1,000 resident tasks. What each figure
+means: docs/BENCHMARKS.md, "Service load".
 
     python benchmarks/bench_service_load.py               # full run, ~4 minutes on 2 cores
     python benchmarks/bench_service_load.py --smoke --out /tmp/bench   # seconds; run by the tests
-    python benchmarks/bench_service_load.py --under-training   # serving with and without a training
-        # job (200 movie examples, its own process at its default threads and niceness), alternated
+    python benchmarks/bench_service_load.py --baseline-root DIR --ab-rounds 3   # also against DIR's build
+    python benchmarks/bench_service_load.py --under-training   # idle vs while a training job trains
+    python benchmarks/bench_service_load.py --infinity   # against infinity-emb (make infinity-env)
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -35,6 +27,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -47,6 +40,13 @@ from benchmarks import harness, peer_infinity
 NUM_TASKS = 16
 TASKS = [f"task{index:02d}" for index in range(NUM_TASKS)]
 BATCH_METRICS = ("spartan_batch_size_sum", "spartan_batch_size_count", "spartan_batch_tasks_sum")
+FIGURES = ("throughput_rps", "p50_ms", "p99_ms")
+INFINITY_VARIANTS: dict[str, dict[str, Any]] = {
+    "infinity torch fp32": {"engine": "torch"},
+    "infinity torch bf16": {"engine": "torch", "dtype": "bfloat16"},
+    "infinity onnx": {"engine": "optimum"},
+    "infinity onnx optimised": {"engine": "optimum", "optimize": True},
+}
 
 
 @dataclass(frozen=True)
@@ -67,10 +67,10 @@ class Config:
 
     @classmethod
     def smoke(cls, threads: int) -> Config:
-        # Few clients and a window several latencies long: on a busy CI machine a request must still be
+        # Few clients and a window many latencies long: on a busy CI machine a request must still be
         # both sent and answered inside the window, or the percentiles have nothing to measure.
         return cls(
-            duration_s=4.0, warmup_s=0.5, concurrency=4, naive_duration_s=1.5, upload_trials=2,
+            duration_s=2.0, warmup_s=0.5, concurrency=4, naive_duration_s=1.0, upload_trials=2,
             rss_tasks=12, inprocess_batches=2, inprocess_rounds=2, inprocess_target_s=0.05, threads=threads,
         )  # fmt: skip
 
@@ -154,6 +154,25 @@ def children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def window_rounds(names: Iterable[str], rounds: int, window: Callable[[str], Any]) -> dict[str, Any]:
+    """One Zipf window per name per round, in rotated order; each name's figures over rounds."""
+    runs = harness.rotated_rounds(list(names), rounds, window)
+    figures = {n: {k: harness.spread([r[k] for r in rs]) for k in FIGURES} for n, rs in runs.items()}
+    return {"rounds": rounds, "runs": runs, "figures": figures}
+
+
+def per_round_ratio(runs: dict[str, list[dict[str, Any]]], key: str, top: str, bottom: str) -> Any:
+    return harness.spread([a[key] / b[key] for a, b in zip(runs[top], runs[bottom], strict=True)])
+
+
+def figures_table(column: str, figures: dict[str, dict[str, Any]]) -> list[str]:
+    fmt = harness.fmt_spread
+    rows = [
+        (n, fmt(f["throughput_rps"]), fmt(f["p50_ms"], 0), fmt(f["p99_ms"], 0)) for n, f in figures.items()
+    ]
+    return harness.table((column, "rows/s", "p50 ms", "p99 ms"), rows)
+
+
 # ---------------------------------------------------------------------------------------- in-process
 
 
@@ -215,7 +234,7 @@ def inprocess_throughput(
     return result
 
 
-# ---------------------------------------------------------------------------------------- upload, RSS, A/B
+# ---------------------------------------------------------------------------------------- upload, RSS
 
 
 def upload_to_first_prediction(server: harness.ServeProcess, encoder: Any, trials: int) -> dict[str, Any]:
@@ -252,8 +271,9 @@ def rss_with_many_tasks(workdir: Path, encoder: Any, config: Config) -> dict[str
         "SPARTAN_MAX_LOADED_MEMORIES": f"{config.rss_tasks + 10}",
         "SPARTAN_MAX_LOADED_BYTES": f"{1 << 40}",
     }
-    server = harness.serve_store(store, batch_size=config.batch_size, threads=config.threads, env=capacity)
-    try:
+    with harness.serve_store(
+        store, batch_size=config.batch_size, threads=config.threads, env=capacity
+    ) as server:
         client = httpx.Client(base_url=server.url, timeout=120)
         for _ in range(3):  # warm the forward path with one resident memory
             client.post(f"/v1/tasks/{names[0]}/predict", json={"inputs": ["warm up the forward pass"]})
@@ -262,8 +282,6 @@ def rss_with_many_tasks(workdir: Path, encoder: Any, config: Config) -> dict[str
         asyncio.run(touch_all(server.url, names))
         touch_seconds, listing = time.perf_counter() - started, client.get("/v1/tasks").json()
         rss, resident = harness.rss_bytes(server.pid), listing["loaded_bytes"]
-    finally:
-        server.stop()
     return {
         "registered": len(listing["tasks"]), "resident": listing["loaded"], "resident_bytes": resident,
         "backbone_rss_bytes": backbone_rss, "rss_bytes": rss, "budget_bytes": backbone_rss + 1.2 * resident,
@@ -279,141 +297,35 @@ async def touch_all(url: str, names: list[str]) -> None:
     async def worker() -> None:
         async with httpx.AsyncClient(base_url=url, timeout=120) as client:
             while queue:
-                (
-                    await client.post(f"/v1/tasks/{queue.pop()}/predict", json={"inputs": ["hello"]})
-                ).raise_for_status()
+                answer = await client.post(f"/v1/tasks/{queue.pop()}/predict", json={"inputs": ["hello"]})
+                answer.raise_for_status()
 
     await asyncio.gather(*(worker() for _ in range(8)))
+
+
+# ---------------------------------------------------------------------------------------- other servers
 
 
 def against_baseline(store: Path, texts: Path, config: Config, baseline_root: Path) -> dict[str, Any]:
     """The Zipf load against this build's server and one started from `baseline_root` (the same flags),
     both alive side by side: one window each per round, in rotated order."""
     roots = {"current": harness.ROOT, "baseline": baseline_root.resolve()}
-    servers = {
-        name: harness.serve_store(store, batch_size=config.batch_size, threads=config.threads, root=root)
-        for name, root in roots.items()
-    }
-    try:
-        runs = harness.rotated_rounds(
-            list(roots),
+    with contextlib.ExitStack() as stack:
+        servers = {
+            name: stack.enter_context(harness.serve_store(store, batch_size=config.batch_size,
+                                                          threads=config.threads, root=root, wait=False))
+            for name, root in roots.items()
+        }  # fmt: skip
+        for server in servers.values():  # started together, both ready before the first window
+            server.wait_ready()
+        result = window_rounds(
+            roots,
             config.ab_rounds,
             lambda n: run_loadgen(servers[n], "zipf", texts, config, config.duration_s),
         )
-    finally:
-        for server in servers.values():
-            server.stop()
-    figures = ("throughput_rps", "p50_ms", "p99_ms")
-    builds = {
-        name: {key: harness.spread([r[key] for r in rs]) for key in figures} for name, rs in runs.items()
-    }
-    throughput = {name: [r["throughput_rps"] for r in rs] for name, rs in runs.items()}
     commits = {f"{name}_commit": git_commit(root) for name, root in roots.items()}
-    return {
-        "baseline_root": str(roots["baseline"]), **commits, "rounds": config.ab_rounds, "builds": builds,
-        "throughput_ratio": harness.ratios(throughput, "baseline")["current"], "runs": runs,
-    }  # fmt: skip
-
-
-INFINITY_VARIANTS: dict[str, dict[str, Any]] = {
-    "infinity torch fp32": {"engine": "torch"},
-    "infinity torch bf16": {"engine": "torch", "dtype": "bfloat16"},
-    "infinity onnx": {"engine": "optimum"},
-    "infinity onnx optimised": {"engine": "optimum", "optimize": True},
-}
-
-
-def against_infinity(store: Path, texts: Path, config: Config) -> dict[str, Any]:
-    """The Zipf load on this service (16 tasks) and the same requests to infinity-emb serving ONE
-    classifier of the same backbone, on each of its CPU engines; the same threads and batch size, all
-    servers alive side by side, one window each per round, in rotated order."""
-    model_dir = peer_infinity.prepare_classifier()
-    servers: dict[str, Any] = {}
-    try:
-        servers["spartan"] = harness.serve_store(store, batch_size=config.batch_size, threads=config.threads)
-        for name, variant in INFINITY_VARIANTS.items():
-            servers[name] = peer_infinity.start_infinity(
-                model_dir, threads=config.threads, batch_size=config.batch_size, **variant
-            )
-
-        def window(name: str) -> dict[str, Any]:
-            target = "" if name == "spartan" else "infinity"
-            return run_loadgen(servers[name], "zipf", texts, config, config.duration_s, target)
-
-        runs = harness.rotated_rounds(list(servers), config.ab_rounds, window)
-    finally:
-        for server in servers.values():
-            server.stop()
-    figures = ("throughput_rps", "p50_ms", "p99_ms")
-    contenders = {n: {k: harness.spread([r[k] for r in rs]) for k in figures} for n, rs in runs.items()}
-    throughput = {n: [r["throughput_rps"] for r in rs] for n, rs in runs.items()}
-    best = max(INFINITY_VARIANTS, key=lambda n: contenders[n]["throughput_rps"]["median"])
-    ratio = harness.spread([a / b for a, b in zip(throughput["spartan"], throughput[best], strict=True)])
-    return {"rounds": config.ab_rounds, "contenders": contenders, "runs": runs, "best_peer": best,
-            "spartan_over_best_peer": ratio}  # fmt: skip
-
-
-def infinity_markdown(results: dict[str, Any]) -> str:
-    peers, cfg = results["infinity"], results["config"]
-    rows = [(n, harness.fmt_spread(f["throughput_rps"]), harness.fmt_spread(f["p50_ms"], 0),
-             harness.fmt_spread(f["p99_ms"], 0)) for n, f in peers["contenders"].items()]  # fmt: skip
-    env = results["environment"]
-    return "\n".join([
-        "# spartan-serve (16 tasks) against infinity-emb (one classifier)", "",
-        f"`{results['command']}` ({env['date']}, {env['cpu']}, {env['cpu_count']} CPUs). Single-text "
-        f"requests from {cfg['concurrency']} closed-loop clients; spartan-serve serves 16 tasks with Zipf "
-        "popularity, infinity-emb 0.0.78 one MiniLM classifier (`/classify`, the same texts); "
-        f"{cfg['threads']} thread(s) and batch {cfg['batch_size']} for every server; all servers alive "
-        f"side by side, {peers['rounds']} rounds of one window each, rotated. Median [min, max].", "",
-        *harness.table(("server", "rows/s", "p50 ms", "p99 ms"), rows), "",
-        f"spartan-serve / the best infinity engine ({peers['best_peer']}), per round: "
-        f"{harness.fmt_spread(peers['spartan_over_best_peer'], 2)}.", "",
-    ])  # fmt: skip
-
-
-def under_training(store: Path, texts: Path, config: Config, cache_dir: Path) -> dict[str, Any]:
-    """The Zipf load on one server, idle and while a training job trains (started through the API
-    before its window, cancelled after it), one window each per round, in rotated order."""
-    server = harness.serve_store(store, batch_size=config.batch_size, threads=config.threads)
-    rows, jobs = harness.training_rows(cache_dir), []
-
-    def window(condition: str) -> dict[str, Any]:
-        job = harness.start_training_job(server.url, rows, epochs=1000) if condition == "training" else None
-        try:
-            return run_loadgen(server, "zipf", texts, config, config.duration_s)
-        finally:
-            if job is not None:
-                jobs.append(harness.stop_training_job(server.url, job))
-
-    try:
-        runs = harness.rotated_rounds(["idle", "training"], config.ab_rounds, window)
-    finally:
-        server.stop()
-    figures = ("throughput_rps", "p50_ms", "p99_ms")
-    conditions = {c: {k: harness.spread([r[k] for r in rs]) for k in figures} for c, rs in runs.items()}
-    p99 = {c: [r["p99_ms"] for r in rs] for c, rs in runs.items()}
-    speed = [job["progress"]["examples_per_s"] or 0.0 for job in jobs]
-    return {"rounds": config.ab_rounds, "conditions": conditions, "runs": runs,
-            "p99_ratio": harness.ratios(p99, "idle")["training"], "job_examples_per_s": speed}  # fmt: skip
-
-
-def under_training_markdown(results: dict[str, Any]) -> str:
-    u, cfg = results["under_training"], results["config"]
-    rows = [(c, harness.fmt_spread(f["throughput_rps"]), harness.fmt_spread(f["p50_ms"], 0),
-             harness.fmt_spread(f["p99_ms"], 0)) for c, f in u["conditions"].items()]  # fmt: skip
-    return "\n".join([
-        "# Serving while a training job trains", "",
-        f"`{results['command']}` ({results['environment']['date']}, {results['environment']['cpu']}, "
-        f"{results['environment']['cpu_count']} CPUs). One server ({cfg['threads']} torch thread, batch "
-        f"{cfg['batch_size']}), {cfg['concurrency']} closed-loop clients, 16 tasks, Zipf; {u['rounds']} "
-        "rounds of one window idle and one while a job (200 movie examples, the default recipe, its own "
-        "process "
-        "with `SPARTAN_TRAINING_THREADS` and `SPARTAN_TRAINING_NICE` at their defaults) trains, rotated. "
-        "Median [min, max] over rounds.", "",
-        *harness.table(("condition", "rows/s", "p50 ms", "p99 ms"), rows), "",
-        f"p99 training / idle, per round: {harness.fmt_spread(u['p99_ratio'], 2)}; the jobs trained at "
-        f"{', '.join(f'{v:.1f}' for v in u['job_examples_per_s'])} examples/s.", "",
-    ])  # fmt: skip
+    ratio = per_round_ratio(result["runs"], "throughput_rps", "current", "baseline")
+    return {"baseline_root": str(roots["baseline"]), **commits, **result, "throughput_ratio": ratio}
 
 
 def git_commit(root: Path) -> str | None:
@@ -421,6 +333,89 @@ def git_commit(root: Path) -> str | None:
         ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     )
     return done.stdout.strip() or None
+
+
+def against_infinity(store: Path, texts: Path, config: Config) -> dict[str, Any]:
+    """The Zipf load on this service (16 tasks) and the same requests to infinity-emb serving ONE
+    classifier of the same backbone, on each of its CPU engines; the same threads and batch size, all
+    servers alive side by side, one window each per round, in rotated order."""
+    model_dir = peer_infinity.prepare_classifier()
+    with contextlib.ExitStack() as stack:
+        servers: dict[str, Any] = {
+            "spartan": stack.enter_context(
+                harness.serve_store(store, batch_size=config.batch_size, threads=config.threads)
+            )
+        }
+        for name, variant in INFINITY_VARIANTS.items():
+            servers[name] = stack.enter_context(peer_infinity.start_infinity(
+                model_dir, threads=config.threads, batch_size=config.batch_size, **variant
+            ))  # fmt: skip
+
+        def window(name: str) -> dict[str, Any]:
+            target = "" if name == "spartan" else "infinity"
+            return run_loadgen(servers[name], "zipf", texts, config, config.duration_s, target)
+
+        result = window_rounds(servers, config.ab_rounds, window)
+    best = max(INFINITY_VARIANTS, key=lambda n: result["figures"][n]["throughput_rps"]["median"])
+    ratio = per_round_ratio(result["runs"], "throughput_rps", "spartan", best)
+    return {**result, "best_peer": best, "spartan_over_best_peer": ratio}
+
+
+def under_training(store: Path, texts: Path, config: Config, cache_dir: Path) -> dict[str, Any]:
+    """The Zipf load on one server, idle and while a training job trains (started through the API
+    before its window, cancelled after it), one window each per round, in rotated order."""
+    rows, jobs = harness.training_rows(cache_dir), []
+    with harness.serve_store(store, batch_size=config.batch_size, threads=config.threads) as server:
+
+        def window(condition: str) -> dict[str, Any]:
+            job = (
+                harness.start_training_job(server.url, rows, epochs=1000) if condition == "training" else None
+            )
+            try:
+                return run_loadgen(server, "zipf", texts, config, config.duration_s)
+            finally:
+                if job is not None:
+                    jobs.append(harness.stop_training_job(server.url, job))
+
+        result = window_rounds(["idle", "training"], config.ab_rounds, window)
+    speed = [job["progress"]["examples_per_s"] or 0.0 for job in jobs]
+    p99 = per_round_ratio(result["runs"], "p99_ms", "training", "idle")
+    return {**result, "p99_ratio": p99, "job_examples_per_s": speed}
+
+
+def run_intro(results: dict[str, Any]) -> str:
+    env, cfg = results["environment"], results["config"]
+    return (
+        f"`{results['command']}` ({env['date']}, {env['cpu']}, {env['cpu_count']} CPUs). "
+        f"{cfg['concurrency']} closed-loop clients, single-text requests; {cfg['threads']} thread(s) and "
+        f"batch {cfg['batch_size']} for every server"
+    )
+
+
+def infinity_markdown(results: dict[str, Any]) -> str:
+    peers = results["infinity"]
+    return "\n".join([
+        "# spartan-serve (16 tasks) against infinity-emb (one classifier)", "",
+        f"{run_intro(results)}; spartan-serve serves 16 tasks with Zipf popularity, infinity-emb 0.0.78 one "
+        "MiniLM classifier (`/classify`, the same texts); all servers alive side by side, "
+        f"{peers['rounds']} rounds of one window each, rotated. Median [min, max].", "",
+        *figures_table("server", peers["figures"]), "",
+        f"spartan-serve / the best infinity engine ({peers['best_peer']}), per round: "
+        f"{harness.fmt_spread(peers['spartan_over_best_peer'], 2)}.", "",
+    ])  # fmt: skip
+
+
+def under_training_markdown(results: dict[str, Any]) -> str:
+    u = results["under_training"]
+    return "\n".join([
+        "# Serving while a training job trains", "",
+        f"{run_intro(results)}; 16 tasks, Zipf; {u['rounds']} rounds of one window idle and one while a job "
+        "(200 movie examples, the default recipe, its own process with `SPARTAN_TRAINING_THREADS` and "
+        "`SPARTAN_TRAINING_NICE` at their defaults) trains, rotated. Median [min, max] over rounds.", "",
+        *figures_table("condition", u["figures"]), "",
+        f"p99 training / idle, per round: {harness.fmt_spread(u['p99_ratio'], 2)}; the jobs trained at "
+        f"{', '.join(f'{v:.1f}' for v in u['job_examples_per_s'])} examples/s.", "",
+    ])  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -453,26 +448,19 @@ def bars(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    plt = harness.pyplot()
-    figures = bars(results)
+    plt, figures, cfg = harness.pyplot(), bars(results), results["config"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw={"width_ratios": [3, 2]})
     labels = [name.replace(", ", ",\n").replace(" (", "\n(") for name in figures]
     colors = ["#999", "#bbb", "#ccc", "#ddd", "#1f77b4", "#4a90d9", "#d62728"]
     left.bar(labels, [f["throughput_rps"] for f in figures.values()], color=colors)
-    left.set(
-        ylabel="rows (requests) per second",
-        title=f"Throughput, batch {results['config']['batch_size']}, 16 tasks",
-    )
+    left.set(ylabel="rows (requests) per second", title=f"Throughput, batch {cfg['batch_size']}, 16 tasks")
     left.tick_params(axis="x", labelsize=7)
     served = list(figures.items())[4:]
     for shift, key in ((-0.2, "p50_ms"), (0.2, "p99_ms")):
-        right.bar(
-            [i + shift for i in range(len(served))], [f[key] for _, f in served], width=0.4, label=key[:3]
-        )
+        xs = [i + shift for i in range(len(served))]
+        right.bar(xs, [f[key] for _, f in served], width=0.4, label=key[:3])
     right.set_xticks(range(len(served)), [name for name, _ in served])
-    right.set(
-        ylabel="latency (ms)", title=f"Latency at {results['config']['concurrency']} concurrent clients"
-    )
+    right.set(ylabel="latency (ms)", title=f"Latency at {cfg['concurrency']} concurrent clients")
     right.legend()
     harness.save_figure(fig, path, dpi=120)
 
@@ -504,6 +492,7 @@ def markdown(results: dict[str, Any]) -> str:
         for k in ("resident_bytes", "rss_bytes", "backbone_rss_bytes", "budget_bytes")
     }
     gain = inprocess["bucketed_rows_per_s"] / inprocess["single_row_rows_per_s"]
+    verdicts = [(g, v, "met" if ok else "NOT met") for g, v, ok in goals(results)]
     lines = [
         "# Service load benchmark",
         "",
@@ -523,9 +512,7 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "## Goals",
         "",
-        *harness.table(
-            ("goal", "measured", ""), [(g, v, "met" if ok else "NOT met") for g, v, ok in goals(results)]
-        ),
+        *harness.table(("goal", "measured", ""), verdicts),
         "",
         "## Upload and memory",
         "",
@@ -548,9 +535,7 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     if "ab" in results:
         ab = results["ab"]
-        rows = [(f"{name} ({ab[f'{name}_commit'] or '?'})", harness.fmt_spread(b["throughput_rps"]),
-                 harness.fmt_spread(b["p50_ms"], 0), harness.fmt_spread(b["p99_ms"], 0))
-                for name, b in ab["builds"].items()]  # fmt: skip
+        builds = {f"{name} ({ab[f'{name}_commit'] or '?'})": f for name, f in ab["figures"].items()}
         lines += [
             "",
             "## Against the baseline build",
@@ -559,7 +544,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"started with the same flags, alive side by side; {ab['rounds']} rounds of one window per "
             "server, in rotated order. Median [min, max] over rounds.",
             "",
-            *harness.table(("build", "rows/s", "p50 ms", "p99 ms"), rows),
+            *figures_table("build", builds),
             "",
             f"Throughput current / baseline, per round: {harness.fmt_spread(ab['throughput_ratio'], 2)}.",
         ]
@@ -583,52 +568,43 @@ def run(args: Any) -> dict[str, Any]:
     encoder = harness.encoder(name=Settings().backbone)
     texts, corpus = load_texts(Settings().cache_dir)
     env = harness.environment(backbone=encoder.backbone.name, corpus=corpus, threads=config.threads)
+    env["idle_before_start"] = harness.cpu_idle_fraction(0.5 if args.smoke else 2.0)
     results: dict[str, Any] = {"config": asdict(config), "environment": env}
-    env["idle_before_start"] = harness.cpu_idle_fraction()
     results["command"] = harness.command_line("bench_service_load.py")
     with tempfile.TemporaryDirectory(prefix="spartan-bench-") as tmp:
         workdir = Path(tmp)
+        store, texts_file = workdir / "memories", workdir / "texts.json"
         memories = [harness.fresh_memory(encoder, seed=seed, noise=0.05) for seed in range(NUM_TASKS)]
         for task, memory in zip(TASKS, memories, strict=True):
-            save_memory(memory, workdir / "memories" / f"{task}.safetensors")
-        texts_file = workdir / "texts.json"
+            save_memory(memory, store / f"{task}.safetensors")
         texts_file.write_text(json.dumps(texts))
         if args.infinity:
             print("against infinity-emb ...", flush=True)
-            results["infinity"] = against_infinity(workdir / "memories", texts_file, config)
+            results["infinity"] = against_infinity(store, texts_file, config)
             return results
         if args.under_training:
             print("serving idle and under a training job ...", flush=True)
-            results["under_training"] = under_training(
-                workdir / "memories", texts_file, config, Settings().cache_dir
-            )
+            results["under_training"] = under_training(store, texts_file, config, Settings().cache_dir)
             return results
         print("in-process baselines ...", flush=True)
         results["inprocess"] = inprocess_throughput(encoder, memories, texts, config)
-        server = harness.serve_store(
-            workdir / "memories", batch_size=config.batch_size, threads=config.threads
-        )
-        try:
+        with harness.serve_store(store, batch_size=config.batch_size, threads=config.threads) as server:
             results["service"] = {}
             for popularity in ("zipf", "uniform"):
                 print(f"service, {popularity} ...", flush=True)
-                run = run_loadgen(server, popularity, texts_file, config, config.duration_s)
-                results["service"][popularity] = run
+                results["service"][popularity] = run_loadgen(
+                    server, popularity, texts_file, config, config.duration_s
+                )
             print("upload to first prediction ...", flush=True)
             results["upload"] = upload_to_first_prediction(server, encoder, config.upload_trials)
-        finally:
-            server.stop()
         print("naive server (max batch 1) ...", flush=True)
-        naive = harness.serve_store(workdir / "memories", batch_size=1, threads=config.threads)
-        try:
+        with harness.serve_store(store, batch_size=1, threads=config.threads) as naive:
             results["naive"] = run_loadgen(naive, "uniform", texts_file, config, config.naive_duration_s)
-        finally:
-            naive.stop()
         print(f"RSS with {config.rss_tasks} tasks ...", flush=True)
         results["rss"] = rss_with_many_tasks(workdir, encoder, config)
         if args.baseline_root is not None:
             print(f"against the baseline build at {args.baseline_root} ...", flush=True)
-            results["ab"] = against_baseline(workdir / "memories", texts_file, config, args.baseline_root)
+            results["ab"] = against_baseline(store, texts_file, config, args.baseline_root)
     return results
 
 
@@ -636,37 +612,32 @@ def main() -> None:
     cli = harness.parser(__doc__, threads=None)
     cli.add_argument("--loadgen", help="(internal) a load generator process for this JSON job")
     cli.add_argument("--threads", type=int, default=None, help="torch threads (default: CPUs - 1)")
-    cli.add_argument("--report-only", action="store_true", help="redo report and plot from OUT's JSON")
     ab = "A/B: also the Zipf load against the server of the checkout in DIR (a worktree of an older commit)"
     cli.add_argument("--baseline-root", type=Path, default=None, help=ab)
-    cli.add_argument("--ab-rounds", type=int, default=3, help="A/B rounds (one window per build each)")
-    job = "only the Zipf load idle and under a training job, --ab-rounds rounds (service_under_training.*)"
+    cli.add_argument(
+        "--ab-rounds", type=int, default=3, help="rounds of the A/B, --under-training, --infinity"
+    )
+    job = "only the Zipf load idle and under a training job (service_under_training.*)"
     cli.add_argument("--under-training", action="store_true", help=job)
-    peer = "only the Zipf load against infinity-emb's engines (make infinity-env), --ab-rounds rounds"
+    peer = "only the Zipf load against infinity-emb's engines (service_vs_infinity.*; make infinity-env)"
     cli.add_argument("--infinity", action="store_true", help=peer)
     args = cli.parse_args()
     if args.loadgen:
         print(json.dumps(asyncio.run(measure_window(json.loads(args.loadgen)))))
         return
+    results = run(args)
     if args.infinity:
-        results = run(args)
         harness.write_report(args.out, "service_vs_infinity", results, infinity_markdown(results))
-        return
-    if args.under_training:
-        results = run(args)
+    elif args.under_training:
         harness.write_report(args.out, "service_under_training", results, under_training_markdown(results))
-        return
-    if args.report_only:
-        results = json.loads((args.out / "service_load.json").read_text())
     else:
-        results = run(args)
         results["environment"]["load_average_end"] = list(os.getloadavg())
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "service_load.json").write_text(json.dumps(results, indent=2) + "\n")
-    plot(results, args.out / "service_load.png")
-    (args.out / "SERVICE_BENCHMARKS.md").write_text(markdown(results))
-    for goal, value, ok in goals(results):
-        print(f"{'met    ' if ok else 'NOT met'}  {goal}: {value}")
+        plot(results, args.out / "service_load.png")
+        (args.out / "SERVICE_BENCHMARKS.md").write_text(markdown(results))
+        for goal, value, ok in goals(results):
+            print(f"{'met    ' if ok else 'NOT met'}  {goal}: {value}")
 
 
 if __name__ == "__main__":

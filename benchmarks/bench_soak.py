@@ -10,7 +10,7 @@ Goals (docs/RELIABILITY.md): RSS growth <= 5% from the end of the warm-up to the
 file descriptors or threads; deleted tasks free their memory.
 
     python benchmarks/bench_soak.py --minutes 30          # the real soak; docs/results/soak.*
-    python benchmarks/bench_soak.py --smoke --out /tmp/s  # ~40 s, run by the tests
+    python benchmarks/bench_soak.py --smoke --out /tmp/s  # ~25 s, run by the tests
 """
 
 from __future__ import annotations
@@ -183,8 +183,8 @@ def main() -> None:
     cli.add_argument("--warmup", type=float, default=5.0, help="minutes before the baseline window")
     cli.add_argument("--every", type=float, default=5.0, help="seconds between /proc samples")
     args = cli.parse_args()
-    if args.smoke:  # ~40 s
-        args.minutes, args.warmup, args.every = 0.5, 0.2, 1.0
+    if args.smoke:  # 15 s of traffic, 30 samples
+        args.minutes, args.warmup, args.every = 0.25, 0.1, 0.5
     report: dict[str, Any] = {
         "environment": harness.environment(),
         "command": harness.command_line("bench_soak.py"),
@@ -193,14 +193,13 @@ def main() -> None:
     files = memory_variants(VARIANTS)
     env = {"SPARTAN_STORE_POLL_INTERVAL_S": "2", "OMP_WAIT_POLICY": "PASSIVE",
            "SPARTAN_PINNED_TASKS": json.dumps(list(SHIPPED))}  # fmt: skip
-    with tempfile.TemporaryDirectory() as tmp:
-        server = harness.serve_store(harness.shipped_store(Path(tmp)), env=env)
-        try:
-            shipped_bytes = memory_bytes(server.url)
-            report.update(asyncio.run(soak(server, args.minutes * 60, args.every, files)))
-            end_bytes = memory_bytes(server.url)
-        finally:
-            server.stop()
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        harness.serve_store(harness.shipped_store(Path(tmp)), env=env) as server,
+    ):
+        shipped_bytes = memory_bytes(server.url)
+        report.update(asyncio.run(soak(server, args.minutes * 60, args.every, files)))
+        end_bytes = memory_bytes(server.url)
     report["analysis"] = analyse(report, args.warmup * 60, shipped_bytes, end_bytes)
     report["verdicts"] = verdicts(report["analysis"], report["outcomes"])
     harness.finish(args.out, "soak", report, markdown, plot)

@@ -1,31 +1,9 @@
 """Inference speed of SPARTAN against the bare backbone, bottleneck adapters and LoRA, side by side.
 
-Runs in the peers' environment (`make peers-env`; the contenders come from benchmarks/peers.py):
-
-  bare      the backbone alone (mean-pooled): the physical limit of anything that shares it
-  spartan   this project's encoder with a fresh default memory (E=16, C=3, k=8, task LayerNorms on)
-  pfeiffer  AdapterHub `adapters` seq_bn, reduction 16     (no MPNet support: reported missing)
-  houlsby   AdapterHub `adapters` double_seq_bn, reduction 16
-  lora      PEFT LoRA r=8 on query and value, NOT merged (a multi-task server cannot merge)
-
-Every contender is its own model on a fresh backbone, in eval mode, under torch.inference_mode(), fed the
-identical input of exactly `length` tokens, no padding (harness.fixed_length_batch). Timing does not depend
-on trained values, so the per-task modules are freshly initialised. Per cell (backbone, profile, batch,
-length): the harness's calibrated, rotated rounds (a warm-up call each, then `--rounds` rounds of `reps`
-forwards per contender, `reps` chosen so one timing lasts about `--target-seconds`). Examples/s: median
-[min, max] over rounds; ratios taken within a round (machine drift cancels), median [min, max]; `best
-adapter` = the faster of pfeiffer and houlsby in that round. Goals: SPARTAN/bare >= 0.97, SPARTAN/best
-adapter >= 1.0 (on the median).
-
-Profiles:
-  server     --threads torch threads (default 2), float32
-  edge       1 torch thread, float32
-  edge-int8  1 torch thread, the BACKBONE's Linear layers int8 (torch dynamic quantisation, per-tensor
-             weight scales as `quantize_dynamic(model, {nn.Linear})` does; --int8-scheme per-channel
-             for per-row scales); per-task modules (SPARTAN's memory and head, adapter bottlenecks,
-             LoRA A/B) stay float32. `adapters` wraps every backbone Linear in a LoRALinear; with
-             bottleneck adapters only these hold no LoRA and are swapped for quantised plain Linears.
-The accuracy int8 keeps: `python benchmarks/bench_engine.py accuracy` (the shipped memories, served path).
+Runs in the peers' environment (`make peers-env`; the contenders come from benchmarks/peers.py): bare,
+spartan, pfeiffer, houlsby, lora, each its own model on a fresh backbone, under three profiles (server,
+edge, edge-int8). Contenders, profiles, timing and goals: docs/BENCHMARKS.md, "Inference speed". The
+accuracy int8 keeps: `python benchmarks/bench_engine.py accuracy`.
 
     .venv-peers/bin/python benchmarks/bench_speed.py      # full run (~15 min on 2 quiet cores, estimated)
     .venv-peers/bin/python benchmarks/bench_speed.py --smoke --out /tmp/speed   # seconds; the tests run it
@@ -222,7 +200,7 @@ def render(report: dict[str, Any]) -> str:
         "",
         harness.header(report),
         "",
-        "Method and contenders: `.venv-peers/bin/python benchmarks/bench_speed.py --help`. — = not available "
+        "Method and contenders: docs/BENCHMARKS.md, section 4. — = not available "
         "(`adapters` has no MPNet support).",
         "",
         "## Summary",
@@ -353,14 +331,8 @@ def main() -> None:
                      help="weight scales of the int8 Linear layers (per-tensor: torch's)")  # fmt: skip
     args = cli.parse_args()
     if args.smoke:  # MiniLM, batch 1 and 2, length 16, 1 thread
-        args.backbones, args.batches, args.lengths, args.rounds, args.target_seconds = (
-            ["minilm"],
-            [1, 2],
-            [16],
-            2,
-            0.01,
-        )
-        args.threads = 1
+        args.backbones, args.batches, args.lengths, args.rounds = ["minilm"], [1, 2], [16], 2
+        args.target_seconds, args.threads = 0.01, 1
     if not {"bare", "spartan"} <= set(args.contenders):
         cli.error("bare (the reference of every ratio) and spartan (the subject) must be contenders")
     report: dict[str, Any] = {"command": harness.command_line("bench_speed.py", ".venv-peers/bin/python")}

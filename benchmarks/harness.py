@@ -40,6 +40,7 @@ MEMORIES = ROOT / "memories"
 MINILM = "all-MiniLM-L6-v2"
 _K = TypeVar("_K", bound=Hashable)
 _R = TypeVar("_R")
+_P = TypeVar("_P", bound="Process")
 
 
 def package_version(package: str) -> str | None:
@@ -488,6 +489,12 @@ class Process:
     def kill9(self) -> None:
         self.stop(signal.SIGKILL)
 
+    def __enter__(self: _P) -> _P:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
 
 _Serve = TypeVar("_Serve", bound="ServeProcess")
 
@@ -528,16 +535,22 @@ def serve_store(
     threads: int = 1,
     env: Mapping[str, str] | None = None,
     root: Path = ROOT,
+    wait: bool = True,
 ) -> ServeProcess:
-    """A ready server of the checkout at `root` over the memories in `store` (max wait 5 ms, open
-    writes, its log beside `store`): every benchmark's server, so an A/B run starts both builds alike."""
+    """A ready server (started only, without `wait`) of the checkout at `root` over the memories in
+    `store` (max wait 5 ms, open writes, its log beside `store`): every benchmark's server, so an A/B
+    run starts both builds alike."""
     flags = [
         "--memory-dir", str(store), "--max-batch-size", str(batch_size), "--max-wait-ms",
         "5" if batch_size > 1 else "0", "--threads", str(threads), "--allow-unauthenticated-writes",
         "--log-level", "warning",
     ]  # fmt: skip
     settings = {"SPARTAN_STORE_POLL_INTERVAL_S": "0", "SPARTAN_MAX_QUEUE_ROWS": "4096", **(env or {})}
-    return ServeProcess(store.parent / f"server-{free_port()}.log", flags, settings, root).start_ready()
+    server = ServeProcess(store.parent / f"server-{free_port()}.log", flags, settings, root)
+    server.start()
+    if wait:
+        server.wait_ready()
+    return server
 
 
 # ---------------------------------------------------------------------------------------- training jobs

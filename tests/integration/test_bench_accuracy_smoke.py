@@ -6,13 +6,20 @@ import json
 import subprocess
 
 import pytest
+from procs import SMOKE_ENV
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 
 def run(peers_python, repo_root, *args: str) -> str:
     done = subprocess.run(
-        [str(peers_python), *args], cwd=repo_root, capture_output=True, text=True, timeout=600, check=False
+        [str(peers_python), *args],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        env=SMOKE_ENV,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
+from procs import run_benchmark_smoke
 
 
 @pytest.mark.slow
-def test_memory_scaling_benchmark_smoke(repo_root, tmp_path):
-    script = repo_root / "benchmarks" / "bench_memory_scaling.py"
-    cmd = [sys.executable, str(script), "--smoke", "--out", str(tmp_path)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0, done.stderr[-2000:]
+def test_memory_scaling_benchmark_smoke(tmp_path):
+    run_benchmark_smoke("bench_memory_scaling.py", tmp_path, timeout_s=300)
     assert (tmp_path / "bench_memory_scaling_smoke.md").read_text().startswith("# ")
     assert (tmp_path / "bench_memory_scaling_smoke.png").stat().st_size > 0
     report = json.loads((tmp_path / "bench_memory_scaling_smoke.json").read_text())

@@ -3,25 +3,16 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from procs import run_benchmark_smoke
 
 
 @pytest.mark.model
 @pytest.mark.slow
-def test_bench_routing_smoke(repo_root: Path, tmp_path: Path) -> None:
-    script = repo_root / "benchmarks" / "bench_routing.py"
-    done = subprocess.run(
-        [sys.executable, str(script), "--smoke", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+def test_bench_routing_smoke(tmp_path: Path) -> None:
+    run_benchmark_smoke("bench_routing.py", tmp_path, timeout_s=300)
     report = json.loads((tmp_path / "bench_routing_smoke.json").read_text())
     assert report["documents"] == 10
     assert set(report["documents_per_topic"].values()) == {2}

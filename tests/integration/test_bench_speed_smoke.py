@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
 from typing import Any
 
 import pytest
+from procs import run_benchmark_smoke
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
@@ -70,10 +70,8 @@ def check_summary(summary: list[dict[str, Any]], cells: list[dict[str, Any]]) ->
         )
 
 
-def test_speed_benchmark_smoke(peers_python, repo_root, tmp_path):
-    cmd = [str(peers_python), "benchmarks/bench_speed.py", "--smoke", "--out", str(tmp_path)]
-    done = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=600, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
+def test_speed_benchmark_smoke(peers_python, tmp_path):
+    run_benchmark_smoke("bench_speed.py", tmp_path, timeout_s=600, python=peers_python)
     report = json.loads((tmp_path / "speed_inference_smoke.json").read_text())
     markdown = (tmp_path / "speed_inference_smoke.md").read_text()
     assert markdown.startswith("# Inference speed")

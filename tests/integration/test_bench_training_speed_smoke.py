@@ -4,21 +4,15 @@ epoch) runs in the suite (peers' environment), so it cannot rot."""
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
+from procs import run_benchmark_smoke
 
 
 @pytest.mark.model
 @pytest.mark.slow
-def test_training_speed_benchmark_smoke(repo_root, tmp_path):
-    python = repo_root / ".venv-peers" / "bin" / "python"
-    if not python.exists():
-        pytest.fail(f"{python} is missing: run `make peers-env` (the peers' libraries: adapters, PEFT)")
-    script = repo_root / "benchmarks" / "bench_training_speed.py"
-    cmd = [str(python), str(script), "--smoke", "--out", str(tmp_path)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=540, check=False, cwd=repo_root)
-    assert done.returncode == 0, done.stderr[-3000:]
+def test_training_speed_benchmark_smoke(peers_python, tmp_path):
+    run_benchmark_smoke("bench_training_speed.py", tmp_path, timeout_s=540, python=peers_python)
 
     assert (tmp_path / "speed_training_smoke.md").read_text().startswith("# Training speed")
     assert (tmp_path / "speed_training_smoke.png").stat().st_size > 0
@@ -44,7 +38,7 @@ def test_training_speed_benchmark_smoke(repo_root, tmp_path):
     assert workload["steps_per_epoch"] == 2
 
     runs = report["runs"]
-    assert {r["contender"] for r in runs} == {"spartan", "pfeiffer", "lora"}
+    assert {r["contender"] for r in runs} == {"spartan", "pfeiffer"}
     assert {r["backbone"] for r in runs} == {"minilm"}
     for run in runs:
         assert run["available"], run
@@ -60,19 +54,20 @@ def test_training_speed_benchmark_smoke(repo_root, tmp_path):
         assert all(ms > 0 for ms in run["phase_ms"].values())
         assert [b["rows"] for b in run["batches"]] == [8, 8]
         assert run["tokenize_epoch_s"] > 0
-        memory = run["memory"]
-        assert "error" not in memory, memory
-        assert memory["rss_after_build_mib"] > 0
-        assert memory["optimizer_state_mib"] > 0
-        assert memory["gradient_mib"] > 0
-        assert memory["saved_activations_mib"] > 0
-        if memory["hwm_reset"]:
-            assert memory["peak_mib"] > 0
+    # The peak-memory child process: the smoke run starts one (the first contender's), not one each.
+    memory = runs[0]["memory"]
+    assert "error" not in memory, memory
+    assert memory["rss_after_build_mib"] > 0
+    assert memory["optimizer_state_mib"] > 0
+    assert memory["gradient_mib"] > 0
+    assert memory["saved_activations_mib"] > 0
+    if memory["hwm_reset"]:
+        assert memory["peak_mib"] > 0
+    assert "memory" not in runs[1]
     # the same encodings for every contender
     assert len({json.dumps(r["batches"]) for r in runs}) == 1
 
-    pairs = {(r["contender"], r["reference"]) for r in report["ratios"]}
-    assert {("spartan", "pfeiffer"), ("spartan", "lora"), ("lora", "pfeiffer")} <= pairs
+    assert {(r["contender"], r["reference"]) for r in report["ratios"]} == {("spartan", "pfeiffer")}
     for ratio in report["ratios"]:
         assert len(ratio["per_round"]) == 2
         assert 0 < ratio["min"] <= ratio["median"] <= ratio["max"]
@@ -81,7 +76,8 @@ def test_training_speed_benchmark_smoke(repo_root, tmp_path):
     assert goal["goal"] == 0.75
     assert isinstance(goal["met"], bool)
 
-    # From the start of training to the kept epoch: the few-shot recipe and Pfeiffer, 2 rounds each.
+    # From the start of training to the kept epoch: the few-shot recipe and Pfeiffer, 2 rounds each
+    # (in the smoke run's own process).
     kept = json.loads((tmp_path / "speed_training_kept_smoke.json").read_text())
     assert (tmp_path / "speed_training_kept_smoke.md").read_text().startswith("# Few-shot training")
     assert {(r["contender"], r["round"]) for r in kept["runs"]} == {
@@ -92,6 +88,7 @@ def test_training_speed_benchmark_smoke(repo_root, tmp_path):
         assert 0 < run["time_to_kept_s"] <= run["total_s"]
         assert run["kept_epoch"] in run["dev_epochs"]
         assert 0.0 <= run["test"]["accuracy"] <= 1.0
-        assert run["peak_mib"] is None or run["peak_mib"] > 0
+        # in one warm process a later run can fit in memory an earlier one left: 0 MiB on top
+        assert run["peak_mib"] is None or run["peak_mib"] >= 0
     (ratio,) = kept["summary"]["suite_ratio"].values()
     assert 0 < ratio["min"] <= ratio["median"] <= ratio["max"]

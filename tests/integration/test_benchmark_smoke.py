@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
+from procs import run_benchmark_smoke
 
 
 @pytest.mark.slow
-def test_memory_layer_against_the_reference_smoke(repo_root, tmp_path):
+def test_memory_layer_against_the_reference_smoke(tmp_path):
     """The memory-scaling benchmark's reference comparison (docs/BENCHMARKS.md, section 1): the published
     code's expanded gather against our paths; its backward builds the [N, E, C, H] gradient ours avoid."""
-    script = repo_root / "benchmarks" / "bench_memory_scaling.py"
-    mode = ["--children", "3", "--shapes", "batch", "--paths", "expanded", "dense", "sparse", "auto"]
-    mode += ["--name", "bench_memory_layer"]
-    cmd = [sys.executable, str(script), "--smoke", "--out", str(tmp_path), *mode]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0, done.stderr[-2000:]
+    mode = ("--children", "3", "--shapes", "batch", "--paths", "expanded", "dense", "sparse", "auto")
+    run_benchmark_smoke(
+        "bench_memory_scaling.py", tmp_path, timeout_s=300, extra=(*mode, "--name", "bench_memory_layer")
+    )
     assert (tmp_path / "bench_memory_layer_smoke.md").read_text().startswith("# ")
     report = json.loads((tmp_path / "bench_memory_layer_smoke.json").read_text())
     rows = {(r["cells"], r["path"], r["mode"]): r for r in report["rows"]}
