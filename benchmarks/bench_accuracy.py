@@ -148,6 +148,12 @@ PILOT = {
     "top4 e10 lr1e-2": variant(4, None, 10, 1e-2, 5),
     "mem4 ln3 e10 lr3e-3": variant(4, 3, 10, 3e-3, 5),
     "mem5 ln4 e10 lr3e-3": variant(5, 4, 10, 3e-3, 5),
+    # Second pilot round: changes to the recipe that cost no extra layer per step.
+    "mem4 ln3 E32": variant(4, 3, 10, 3e-3, 5, num_parents=32),
+    "mem4 ln3 every1": variant(4, 3, 10, 3e-3, 1),
+    "mem4 ln3 drop0": variant(4, 3, 10, 3e-3, 5, dropout=0.0),
+    "mem4 ln3 lr5e-3": variant(4, 3, 10, 5e-3, 5),
+    "mem4 ln3 E32 e10 lr3e-3": variant(4, 3, 10, 3e-3, 5, num_parents=32),  # the one run on the suite
 }
 
 
