@@ -67,6 +67,7 @@ class Writers:
         self.parent = subprocess.Popen(
             [*command, *map(str, versions)], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
         )
+        self.writer: int | None = None  # the live writer's pid, killed on close if a test failed mid-way
 
     def command(self, line: str) -> None:
         assert self.parent.stdin is not None
@@ -84,6 +85,7 @@ class Writers:
         self.command("fork")
         ready, _, pid = self.read().partition(" ")
         assert ready == "ready", f"the writer did not start: {ready!r} (its traceback is on stderr)"
+        self.writer = int(pid)
         if rng.random() < 0.5:
             time.sleep(rng.uniform(0.02, 0.6))
         else:
@@ -94,8 +96,11 @@ class Writers:
         self.command(f"reap {pid}")
         while (line := self.read()) != "reaped":  # "write" lines printed before the kill landed
             assert line == "write", f"unexpected line from the writers: {line!r}"
+        self.writer = None
 
     def close(self) -> None:
+        if self.writer is not None:  # a writer outlives its parent: it would upload forever
+            os.kill(self.writer, signal.SIGKILL)
         self.parent.kill()
         self.parent.wait(10)
         for pipe in (self.parent.stdin, self.parent.stdout):
