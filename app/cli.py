@@ -193,13 +193,15 @@ def _write_predictions(path: Path, memory: TaskMemory, examples: list[Example], 
 def _encoder(settings: Settings, *, serving_precision: bool) -> SpartanEncoder:
     """The encoder of this command: `eval` scores at the service's precision (so its labels are the
     served ones); `train` always runs the backbone in float32 (gradients flow through it)."""
-    from app.engine.backbone import load_backbone, resolve_precision
+    from app.engine.backbone import load_backbone
     from app.engine.encoder import SpartanEncoder
     from app.engine.process import configure_torch_threads
+    from app.engine.serving import serving_encoder
 
     configure_torch_threads(settings.torch_threads)  # this command is the process: its start
-    precision = resolve_precision(settings.precision) if serving_precision else "fp32"
-    return SpartanEncoder(load_backbone(settings.backbone, settings.cache_dir, precision=precision))
+    if serving_precision:
+        return serving_encoder(settings)
+    return SpartanEncoder(load_backbone(settings.backbone, settings.cache_dir, precision="fp32"))
 
 
 @cli.command()
@@ -429,7 +431,9 @@ def serve(
     Every option also reads its SPARTAN_* environment variable; keys are read only from the
     environment (SPARTAN_ADMIN_API_KEY, SPARTAN_PREDICT_API_KEY), never from flags: flags show in `ps`.
     """
-    from app.engine.process import configure_torch_threads
+    from app.engine.process import configure_torch_threads, torch_threads_beside
+    from app.engine.serving import serving_encoder
+    from app.errors import BackboneError
     from app.http_server import serve_http
     from app.main import create_app
 
@@ -444,8 +448,14 @@ def serve(
         _fail(err)
         return
     logging.getLogger().setLevel(settings.log_level.upper())
-    configure_torch_threads(settings.torch_threads)  # once, at process start, before any torch work
-    serve_http(create_app(settings), settings)
+    try:
+        encoder = serving_encoder(settings)
+    except BackboneError as err:
+        _fail(err)
+        return
+    # Once, at process start, before any pass runs: which runtime serves decides torch's share.
+    configure_torch_threads(torch_threads_beside(encoder.graph, settings.torch_threads))
+    serve_http(create_app(settings, encoder=encoder), settings)
 
 
 def main() -> None:

@@ -20,7 +20,6 @@ from app.api.deps import Services
 from app.api.errors import install_error_handlers
 from app.api.limits import BodyDeadline, DeclaredLengthLimit
 from app.api.uploads import UploadBudget
-from app.engine.backbone import load_backbone, resolve_precision
 from app.engine.batcher import Batcher, BatchingConfig
 from app.engine.embedder import Embedder
 from app.engine.encoder import SpartanEncoder
@@ -28,6 +27,7 @@ from app.engine.inputs import InputLimits
 from app.engine.predictor import Predictor
 from app.engine.routing_tally import RoutingTally
 from app.engine.runner import EncoderRunner
+from app.engine.serving import serving_encoder
 from app.jobs.manager import JobManager, JobsConfig
 from app.jobs.records import open_job_records
 from app.metrics import Metrics, package_version
@@ -105,8 +105,7 @@ def create_app(settings: Settings | None = None, *, encoder: SpartanEncoder | No
 
 def build_services(settings: Settings, metrics: Metrics, encoder: SpartanEncoder | None) -> Services:
     if encoder is None:
-        precision = resolve_precision(settings.precision)
-        encoder = SpartanEncoder(load_backbone(settings.backbone, settings.cache_dir, precision=precision))
+        encoder = serving_encoder(settings)
     metrics.set_build_info(encoder.backbone.name, encoder.backbone.fingerprint)
     registry = Registry(
         open_store(settings), encoder.identity(), RegistryConfig.from_settings(settings), metrics=metrics

@@ -83,11 +83,20 @@ class Settings(BaseSettings):
         "`auto` = bf16 on CPUs with native bfloat16 (AVX512-BF16 or AMX), else fp32. Memories and heads "
         "always run in fp32. Training runs the backbone in fp32.",
     )
+    runtime: Literal["auto", "openvino", "torch"] = Field(
+        default="auto",
+        description="What runs the serving passes (and `spartan eval`): `openvino` = the backbone with "
+        "every memory compiled into one OpenVINO graph (app/engine/graph.py; memories of the default "
+        "shape; others, and training, run on torch), failing at start if it cannot be built; `torch` = "
+        "torch eager only; `auto` = openvino where it builds, else torch (logged).",
+    )
     torch_threads: int | None = Field(
         default=None,
         ge=1,
-        description="torch intra-op threads, set once at process start by the `spartan` commands; unset = "
-        "torch's default (all cores). Under a bare `uvicorn --factory`, set OMP_NUM_THREADS instead.",
+        description="Threads of the forward pass, set once at process start by the `spartan` commands: the "
+        "compiled graph's (runtime openvino; torch then keeps 1 thread for the heads), or torch's intra-op "
+        "threads on the eager path; unset = all cores. Under a bare `uvicorn --factory`, also set "
+        "OMP_NUM_THREADS.",
     )
 
     # ------------------------------------------------------------------------------------- service

@@ -25,14 +25,29 @@ RUNTIMES_PYTHON = harness.ROOT / ".venv-runtimes" / "bin" / "python"
 RUNTIMES = [
     "torch:fp32",
     "torch:bf16",
+    "graph:bf16",  # the service's default: backbone and memories as one OpenVINO graph (app/engine/graph.py)
+    "graph:fp32",
     "onnxruntime:fp32",
     "onnxruntime:int8",
     "openvino:fp32",
     "openvino:bf16",
 ]
-SMOKE_RUNTIMES = ["torch:fp32", "torch:bf16", "onnxruntime:int8", "openvino:bf16"]  # every code path once
+SMOKE_RUNTIMES = [
+    "torch:fp32",
+    "torch:bf16",
+    "graph:bf16",
+    "onnxruntime:int8",
+    "openvino:bf16",
+]  # every code path once
 CELLS = ["1x64", "8x64", "32x64", "1x128", "8x128", "32x128"]
-PRECISIONS = ("fp32", "bf16", "int8-per-tensor", "int8-per-channel")  # fp32 first: the reference
+# fp32 (torch eager) first: the reference; "graph-" = the compiled OpenVINO graph (the default runtime).
+PRECISIONS = ("fp32", "bf16", "graph-bf16", "graph-fp32", "int8-per-tensor", "int8-per-channel")
+
+
+def last_hidden(output: Any) -> Any:
+    import torch
+
+    return torch.from_numpy(output) if not hasattr(output, "last_hidden_state") else output.last_hidden_state
 
 
 def torch_contenders(state: dict[str, Any], batch: int, length: int) -> dict[str, Callable[[], object]]:
@@ -46,7 +61,7 @@ def torch_contenders(state: dict[str, Any], batch: int, length: int) -> dict[str
     inputs = harness.fixed_length_batch(encoder.backbone.tokenizer, batch, length)
     rows = torch.arange(batch)
     contenders: dict[str, Callable[[], object]] = {
-        "eager": lambda: pool(eager(**inputs).last_hidden_state.float(), inputs["attention_mask"], "mean"),
+        "eager": lambda: pool(last_hidden(eager(**inputs)).float(), inputs["attention_mask"], "mean"),
         "bare": lambda: encoder.forward(inputs, [RowGroup(None, rows)]),
         "spartan-1": lambda: encoder.forward(inputs, [RowGroup(memories[0], rows)]),
     }
@@ -60,16 +75,53 @@ def torch_contenders(state: dict[str, Any], batch: int, length: int) -> dict[str
     return contenders
 
 
-def torch_child(precision: str, cells: list[tuple[int, int]], rounds: int, target_s: float) -> dict[str, Any]:
+def plain_openvino(precision: str, threads: int) -> Callable[..., Any]:
+    """transformers' model converted by OpenVINO as it is (no memory): the graph runtime's bare backbone."""
+    import openvino as ov
+    import torch
+
+    model = harness.encoder().backbone.model  # fp32; its wrapped LayerNorms are inert outside a pass
+    sample = harness.fixed_length_batch(harness.encoder().backbone.tokenizer, 2, 16)
+    names = list(sample)
+
+    class Hidden(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, *args: Any) -> Any:
+            return self.model(**dict(zip(names, args, strict=True))).last_hidden_state
+
+    with torch.no_grad():
+        converted = ov.convert_model(
+            Hidden(), example_input=tuple(sample[n] for n in names),
+            input=[([-1, -1], ov.Type.i64)] * len(names),
+        )  # fmt: skip
+    config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+              "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}  # fmt: skip
+    request = ov.Core().compile_model(converted, "CPU", config).create_infer_request()
+    return lambda **inputs: request.infer([inputs[n].numpy() for n in names], share_inputs=True)[0].copy()
+
+
+def torch_child(
+    precision: str, cells: list[tuple[int, int]], rounds: int, target_s: float, graph: bool = False
+) -> dict[str, Any]:
+    """torch eager (graph False), or the service's compiled graph (True; `eager` is then the plain
+    backbone converted by OpenVINO, the same runtime without memories)."""
     import torch
 
     from app.engine.encoder import RowGroup
     from app.engine.runner import EncoderRunner
 
-    encoder = harness.encoder(precision)
+    encoder = harness.encoder(precision, runtime="openvino" if graph else "torch")
     # Six distinct memory objects (the shipped files, each loaded twice): six groups in a pass, as six tasks.
     memories = [m for _ in range(2) for m in harness.shipped_memories(encoder).values()][:6]
-    state = {"encoder": encoder, "eager": harness.encoder(precision).backbone.model, "memories": memories}
+    eager = (
+        plain_openvino(precision, torch.get_num_threads())
+        if graph
+        else harness.encoder(precision).backbone.model
+    )
+    state = {"encoder": encoder, "eager": eager, "memories": memories}
     state["runner"] = EncoderRunner(encoder)
     results = []
     with torch.inference_mode():
@@ -170,8 +222,8 @@ def child(args: Any) -> None:
     torch.set_num_threads(args.threads[0])  # this child is its own process: its start
     cells = [tuple(map(int, cell.split("x"))) for cell in args.cells]
     runtime, precision = args.runtime.split(":")
-    if runtime == "torch":
-        result = torch_child(precision, cells, args.rounds, args.target_seconds)  # type: ignore[arg-type]
+    if runtime in ("torch", "graph"):
+        result = torch_child(precision, cells, args.rounds, args.target_seconds, graph=runtime == "graph")
     else:
         result = other_child(runtime, precision, cells, args)  # type: ignore[arg-type]
     print(json.dumps(result))
@@ -185,11 +237,11 @@ def speed(args: Any) -> None:
         args.target_seconds = 0.02
     onnx_dir = tempfile.mkdtemp(prefix="bench-engine-")
     report: dict[str, Any] = {"environment": harness.environment(rounds=args.rounds), "runs": []}
-    runtimes = [r for r in args.runtimes if r.startswith("torch:") or RUNTIMES_PYTHON.exists()]
+    runtimes = [r for r in args.runtimes if r.split(":")[0] in ("torch", "graph") or RUNTIMES_PYTHON.exists()]
     runs = report["runs"]
     for threads in args.threads:
         for runtime in runtimes:
-            python = sys.executable if runtime.startswith("torch:") else str(RUNTIMES_PYTHON)
+            python = sys.executable if runtime.split(":")[0] in ("torch", "graph") else str(RUNTIMES_PYTHON)
             command = [python, __file__, "child", "--runtime", runtime, "--threads", str(threads),
                        "--rounds", str(args.rounds), "--target-seconds", str(args.target_seconds),
                        "--onnx-dir", onnx_dir, "--cells", *args.cells]  # fmt: skip
@@ -197,7 +249,9 @@ def speed(args: Any) -> None:
             name, precision = runtime.split(":")
             result = harness.run_child(command, timeout_s=1800)
             runs.append({"runtime": name, "precision": precision, "threads": threads, **result})
-    fp32 = next(r for r in runs if (r["runtime"], r["precision"]) == ("torch", "fp32"))
+    # The reference is torch fp32; a run without it compares with its first runtime instead (said in the md).
+    fp32 = next((r for r in runs if (r["runtime"], r["precision"]) == ("torch", "fp32")), runs[0])
+    report["cosine_reference"] = f"{fp32['runtime']} {fp32['precision']}"
     reference = torch.tensor(fp32["probe"])
     for run in runs:
         cosine = torch.nn.functional.cosine_similarity(torch.tensor(run.pop("probe")), reference)
@@ -222,27 +276,30 @@ def render_speed(report: dict[str, Any]) -> str:
     for threads in sorted({r["threads"] for r in report["runs"]}):
         rows = [
             (f"{r['runtime']} {r['precision']}",
-             *(harness.fmt_spread(c["eager" if r["runtime"] == "torch" else "bare"], 0) for c in r["cells"]),
+             *(harness.fmt_spread(c["eager" if r["runtime"] in ("torch", "graph") else "bare"], 0)
+               for c in r["cells"]),
              f"{r['cosine_to_torch_fp32']:.5f}")
             for r in report["runs"] if r["threads"] == threads
         ]  # fmt: skip
-        head = ("runtime", *cells, "pooled cosine to fp32")
+        head = ("runtime", *cells, f"pooled cosine to {report.get('cosine_reference', 'torch fp32')}")
         lines += ["", f"### {threads} thread(s)", "", *harness.table(head, rows)]
 
     columns = [("vs_eager", "bare"), *(("vs_bare", n) for n in ("spartan-1", "spartan-6", "served-6"))]
     columns += [("vs_eager", "spartan-1"), ("vs_eager", "spartan-6")]
-    head = ("precision", "threads", "cell", "eager ex/s", *(f"{n} / {table[3:]}" for table, n in columns))
+    head = ("runtime", "threads", "cell", "eager ex/s", *(f"{n} / {table[3:]}" for table, n in columns))
     rows = [
-        (r["precision"], r["threads"], f"{c['batch']}x{c['length']}", harness.fmt_spread(c["eager"], 0),
+        (f"{r['runtime']} {r['precision']}", r["threads"], f"{c['batch']}x{c['length']}",
+         harness.fmt_spread(c["eager"], 0),
          *(harness.fmt_spread(c[table].get(name), 3) for table, name in columns))
-        for r in report["runs"] if r["runtime"] == "torch" for c in r["cells"]
+        for r in report["runs"] if r["runtime"] in ("torch", "graph") for c in r["cells"]
     ]  # fmt: skip
     lines += [
         "",
-        "## The project's encoder on torch: memories over the bare backbone",
+        "## The project's encoder: memories over the bare backbone",
         "",
         "Ratios per round, median [min, max]; `bare` = the project's encoder with no memory, `eager` = "
-        "transformers' own model. `served-6` includes padding and turning outputs into probabilities.",
+        "transformers' own model (on `graph`: that model converted by OpenVINO, the same runtime without "
+        "memories). `served-6` includes padding and turning outputs into probabilities.",
         "",
         *harness.table(head, rows),
     ]
@@ -267,7 +324,7 @@ def accuracy(args: Any) -> None:
 
     torch.set_num_threads(args.threads[0])
     report: dict[str, Any] = {"environment": harness.environment(threads=args.threads[0]), "tasks": []}
-    encoders = {p: int8_encoder(p[5:]) if p.startswith("int8") else harness.encoder(p) for p in PRECISIONS}
+    encoders = {p: variant_encoder(p) for p in PRECISIONS}
     runners = {precision: EncoderRunner(encoder) for precision, encoder in encoders.items()}
     for task, memory in harness.shipped_memories(encoders["fp32"]).items():
         dataset, config = str(memory.spec.training.get("dataset")), memory.spec.training.get("config") or {}
@@ -295,6 +352,14 @@ def accuracy(args: Any) -> None:
         print(json.dumps(report["tasks"][-1]), flush=True)
     report["command"] = harness.command_line("bench_engine.py")
     harness.finish(args.out, args.name.format(command="accuracy"), report, render_accuracy, smoke=args.smoke)
+
+
+def variant_encoder(variant: str) -> Any:
+    if variant.startswith("int8"):
+        return int8_encoder(variant[5:])
+    if variant.startswith("graph-"):
+        return harness.encoder(variant[6:], runtime="openvino")
+    return harness.encoder(variant)
 
 
 def render_accuracy(report: dict[str, Any]) -> str:

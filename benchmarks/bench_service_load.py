@@ -565,7 +565,8 @@ def run(args: Any) -> dict[str, Any]:
         Config.smoke(threads) if args.smoke else Config(threads=threads), ab_rounds=args.ab_rounds
     )
     torch.set_num_threads(config.threads)
-    encoder = harness.encoder(name=Settings().backbone)
+    served = Settings()  # the in-process contenders run what the service serves (precision, runtime)
+    encoder = harness.encoder(served.precision, name=served.backbone, runtime=served.runtime)
     texts, corpus = load_texts(Settings().cache_dir)
     env = harness.environment(backbone=encoder.backbone.name, corpus=corpus, threads=config.threads)
     env["idle_before_start"] = harness.cpu_idle_fraction(0.5 if args.smoke else 2.0)

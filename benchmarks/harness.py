@@ -311,13 +311,21 @@ def fixed_length_batch(tokenizer: Any, batch: int, length: int) -> dict[str, Any
     )
 
 
-def encoder(precision: str = "fp32", name: str = MINILM) -> Any:
-    """The service's encoder on a freshly loaded backbone."""
-    from app.engine.backbone import load_backbone
-    from app.engine.encoder import SpartanEncoder
+def encoder(precision: str = "fp32", name: str = MINILM, runtime: str = "torch") -> Any:
+    """The service's encoder on a freshly loaded backbone; runtime "openvino" adds the compiled graph
+    (app/engine/graph.py), as `SPARTAN_RUNTIME=openvino` serves, with this process's torch threads."""
+    import torch
+
+    from app.engine.serving import serving_encoder
     from app.settings import Settings
 
-    return SpartanEncoder(load_backbone(name, Settings().cache_dir, precision=precision))  # type: ignore[arg-type]
+    settings = Settings(
+        backbone=name,
+        precision=precision,
+        runtime=runtime,
+        torch_threads=torch.get_num_threads(),  # type: ignore[arg-type]
+    )
+    return serving_encoder(settings)
 
 
 def shipped_memories(encoder: Any) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from torch.utils.hooks import RemovableHandle
 from transformers import BatchEncoding
 
 from app.engine.backbone import Backbone, pool
+from app.engine.graph import MemoryGraph
 from app.spartan.layer import load_balancing_loss
 from app.spartan.memfile import BackboneIdentity
 from app.spartan.memory import LayerNormOverride, MemorySpec, TaskMemory
@@ -171,8 +172,11 @@ def _add_update(hidden: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
 class SpartanEncoder:
     """Runs the backbone once per batch, each row through its own task's memories and head."""
 
-    def __init__(self, backbone: Backbone):
+    def __init__(self, backbone: Backbone, graph: MemoryGraph | None = None):
+        """`graph`: the compiled serving pass (app/engine/graph.py) for inference passes whose memories
+        it accepts; every other pass (training, other memory shapes) runs the eager backbone."""
         self.backbone = backbone
+        self.graph = graph
         self._holder = _PassHolder()
         self._lock = threading.Lock()  # the hooks read per-pass state: one pass at a time
         self.layernorm_layers = self._layers_of_layernorms()
@@ -300,12 +304,36 @@ class SpartanEncoder:
         mask = encoding["attention_mask"]
         run = _Pass(groups, mask, int(mask.shape[0]), record_routing, balance)
         run.routing = [[] for _ in groups]
+        if self._graph_serves(groups, balance):
+            return self._forward_graph(encoding, run)
         with self._lock:
             self._holder.current = run
             try:
                 hidden = self.backbone.model(**encoding).last_hidden_state
             finally:
                 self._holder.current = None
+        return self._heads(hidden, run)
+
+    def _graph_serves(self, groups: Sequence[RowGroup], balance: bool) -> bool:
+        return (
+            self.graph is not None
+            and not balance
+            and not torch.is_grad_enabled()
+            and self.graph.accepts([group.memory for group in groups])
+        )
+
+    def _forward_graph(self, encoding: BatchEncoding | dict[str, torch.Tensor], run: _Pass) -> EncoderOutput:
+        """The pass on the compiled graph: row i uses its group's memory; heads as on the eager path."""
+        assert self.graph is not None
+        row_task = torch.empty(run.batch_size, dtype=torch.long)
+        for number, group in enumerate(run.groups):
+            row_task[group.rows] = number
+        hidden, parents = self.graph.run(encoding, [group.memory for group in run.groups], row_task)
+        if run.record_routing:
+            for number, group in enumerate(run.groups):
+                if group.memory is not None:
+                    chosen = parents.index_select(0, group.rows)
+                    run.routing[number] = [chosen[:, i] for i in group.memory.spec.memory_layer_indices]
         return self._heads(hidden, run)
 
     def _heads(self, hidden: torch.Tensor, run: _Pass) -> EncoderOutput:

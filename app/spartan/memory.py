@@ -103,6 +103,14 @@ class MemoryLayer(nn.Module):
         scores_t, values = self._inference_layout()
         return dense_memory_fused(h, scores_t, values, num_parents, num_children, self.top_k)
 
+    def serving_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused layout (`fused_layout`) of the current parameters: cached where parameters have
+        version counters, built afresh for parameters made under inference_mode."""
+        if self.child_keys.is_inference():
+            with torch.no_grad():
+                return fused_layout(self.parent_keys, self.child_keys, self.child_values, self.temperature)
+        return self._inference_layout()
+
     def _inference_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Serving's fused layout ([P^T | child keys / T], child-major values), rebuilt only when a
         parameter changes.
