@@ -195,12 +195,15 @@ def _encoder(settings: Settings, *, serving_precision: bool) -> SpartanEncoder:
     served ones); `train` always runs the backbone in float32 (gradients flow through it)."""
     from app.engine.backbone import load_backbone
     from app.engine.encoder import SpartanEncoder
-    from app.engine.process import configure_torch_threads
+    from app.engine.process import configure_torch_threads, torch_threads_beside
     from app.engine.serving import serving_encoder
 
-    configure_torch_threads(settings.torch_threads)  # this command is the process: its start
+    # This command is the process: its start, before any pass runs.
     if serving_precision:
-        return serving_encoder(settings)
+        encoder = serving_encoder(settings)
+        configure_torch_threads(torch_threads_beside(encoder.graph, settings.torch_threads))
+        return encoder
+    configure_torch_threads(settings.torch_threads)
     return SpartanEncoder(load_backbone(settings.backbone, settings.cache_dir, precision="fp32"))
 
 

@@ -20,12 +20,14 @@ def serving_encoder(settings: Settings) -> SpartanEncoder:
     encoder = SpartanEncoder(load_backbone(settings.backbone, settings.cache_dir, precision=precision))
     if settings.runtime != "torch":
         encoder.graph = try_memory_graph(
-            load_backbone(settings.backbone, settings.cache_dir),  # fp32, consumed by the conversion
+            encoder.backbone,
             encoder.layernorm_names,
             precision=precision,
             threads=settings.torch_threads or os.cpu_count() or 1,
             required=settings.runtime == "openvino",
             cache_dir=settings.cache_dir / "graphs",
+            # fp32, consumed by the conversion; loaded only when the cache misses
+            fp32_source=lambda: load_backbone(settings.backbone, settings.cache_dir),
         )
     runtime = "one OpenVINO graph (backbone and memories)" if encoder.graph else "torch eager"
     log.info("serving passes run on %s at %s", runtime, precision)

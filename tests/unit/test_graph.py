@@ -186,6 +186,9 @@ def test_the_converted_graph_is_cached_and_reused(tmp_path, monkeypatch):
     def no_conversion(*args: object) -> None:
         raise AssertionError("converted again although the cache holds the graph")
 
+    def no_copy() -> Backbone:
+        raise AssertionError("loaded an fp32 copy although the cache holds the graph")
+
     monkeypatch.setattr(MemoryGraph, "_convert", no_conversion)
     second = MemoryGraph(
         tiny_backbone("bert"),
@@ -194,6 +197,7 @@ def test_the_converted_graph_is_cached_and_reused(tmp_path, monkeypatch):
         precision="fp32",
         threads=1,
         cache_dir=tmp_path,
+        fp32_source=no_copy,
     )
     ids = torch.randint(5, 100, (2, 6))
     encoding = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
