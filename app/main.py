@@ -106,7 +106,7 @@ def create_app(settings: Settings | None = None, *, encoder: SpartanEncoder | No
 def build_services(settings: Settings, metrics: Metrics, encoder: SpartanEncoder | None) -> Services:
     if encoder is None:
         encoder = serving_encoder(settings)
-    metrics.set_build_info(encoder.backbone.name, encoder.backbone.fingerprint)
+    metrics.set_build_info(encoder.backbone.name, encoder.backbone.fingerprint, encoder.runtime)
     registry = Registry(
         open_store(settings), encoder.identity(), RegistryConfig.from_settings(settings), metrics=metrics
     )

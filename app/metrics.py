@@ -206,9 +206,14 @@ class Metrics:
             "spartan_build", "Version of spartan-serve and the backbone served.", registry=r
         )
 
-    def set_build_info(self, backbone: str, fingerprint: str) -> None:
+    def set_build_info(self, backbone: str, fingerprint: str, runtime: str) -> None:
         self.build_info.info(
-            {"version": package_version(), "backbone": backbone, "backbone_fingerprint": fingerprint[:16]}
+            {
+                "version": package_version(),
+                "backbone": backbone,
+                "backbone_fingerprint": fingerprint[:16],
+                "runtime": runtime,
+            }
         )
 
     def exposition(self) -> bytes:

@@ -70,7 +70,8 @@ def torch_contenders(state: dict[str, Any], batch: int, length: int) -> dict[str
         groups = [RowGroup(memories[i], torch.arange(bounds[i], bounds[i + 1])) for i in range(6)]
         contenders["spartan-6"] = lambda: encoder.forward(inputs, groups)
         texts = harness.texts_of_length(length - 2, batch)
-        prepared = runner.prepare([Row(memories[i % 6], text) for i, text in enumerate(texts)])
+        served_rows = [Row(memories[i % 6], text, task=f"task-{i % 6}") for i, text in enumerate(texts)]
+        prepared = runner.prepare(served_rows)
         contenders["served-6"] = lambda: runner.run(prepared)
     return contenders
 
@@ -111,6 +112,7 @@ def torch_child(
     import torch
 
     from app.engine.encoder import RowGroup
+    from app.engine.routing_tally import RoutingTally
     from app.engine.runner import EncoderRunner
 
     encoder = harness.encoder(precision, runtime="openvino" if graph else "torch")
@@ -122,7 +124,10 @@ def torch_child(
         else harness.encoder(precision).backbone.model
     )
     state = {"encoder": encoder, "eager": eager, "memories": memories}
-    state["runner"] = EncoderRunner(encoder)
+    tally = RoutingTally()  # on by default in the service: served-6 counts its routing as served
+    for number, memory in enumerate(memories):
+        tally.on_memory_change(f"task-{number}", memory)
+    state["runner"] = EncoderRunner(encoder, tally)
     results = []
     with torch.inference_mode():
         for batch, length in cells:

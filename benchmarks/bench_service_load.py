@@ -144,6 +144,7 @@ def run_loadgen(
     server_cpu, loadgen_cpu = harness.cpu_seconds(server.pid), children_cpu_seconds()
     result: dict[str, Any] = harness.run_child(command, timeout_s=600)
     result["popularity"] = popularity
+    result["server_runtime"] = target or harness.served_runtime(server.url)
     result["server_cpu_s"] = harness.cpu_seconds(server.pid) - server_cpu
     result["loadgen_cpu_s"] = children_cpu_seconds() - loadgen_cpu
     return result
@@ -497,7 +498,8 @@ def markdown(results: dict[str, Any]) -> str:
         "# Service load benchmark",
         "",
         f"{harness.header(results)} The CPUs were {100 * env['idle_before_start']:.0f}% idle just before it "
-        f"started; {cfg['threads']} torch thread(s) in the server and in-process.",
+        f"started; {cfg['threads']} engine thread(s) in the server and in-process; the server's passes ran "
+        f"on `{results['service']['zipf'].get('server_runtime', '?')}` (its spartan_build_info).",
         "",
         f"Backbone {env['backbone']}; {NUM_TASKS} task memories of `spartan train`'s shape (E=16, C=3, k=8, "
         f"own LayerNorms), random weights. One text per request, from {env['corpus']}. Closed loop: "
@@ -535,7 +537,10 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     if "ab" in results:
         ab = results["ab"]
-        builds = {f"{name} ({ab[f'{name}_commit'] or '?'})": f for name, f in ab["figures"].items()}
+        builds = {
+            f"{name} ({ab[f'{name}_commit'] or '?'}, {ab['runs'][name][0].get('server_runtime', '?')})": f
+            for name, f in ab["figures"].items()
+        }
         lines += [
             "",
             "## Against the baseline build",

@@ -604,6 +604,16 @@ def stop_training_job(url: str, job_id: str, *, admin_key: str | None = None) ->
         return client.get_job(job_id).model_dump(mode="json")
 
 
+def served_runtime(url: str) -> str:
+    """What runs a spartan server's passes, from its `spartan_build_info` (older builds: no label)."""
+    import re
+
+    import httpx
+
+    found = re.search(r'spartan_build_info\{[^}]*runtime="([^"]+)"', httpx.get(f"{url}/metrics").text)
+    return found.group(1) if found else "unlabelled (torch, before the graph)"
+
+
 def shipped_store(folder: Path) -> Path:
     """A copy of memories/ in `folder`: a benchmark's writes never touch the shipped files."""
     return Path(shutil.copytree(MEMORIES, folder / "memories"))

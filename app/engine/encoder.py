@@ -281,8 +281,9 @@ class SpartanEncoder:
         memory = run.groups[number].memory
         layer = memory.memory_at(index) if memory is not None else None
         assert layer is not None
-        # The memory runs in float32 whatever the backbone's precision: its cost is ~1% of a layer,
-        # and its top-k choice and child softmax are where reduced precision would change routing.
+        # On the eager path the memory runs in float32 whatever the backbone's precision (torch bf16
+        # moved a few routing choices; the compiled graph runs it at its own precision, measured to keep
+        # the labels: docs/ENGINE.md).
         result = layer(states.float())
         if run.record_routing:
             run.routing[number].append(result.parents.view(mask.shape[0], mask.shape[1], -1))
@@ -313,6 +314,13 @@ class SpartanEncoder:
             finally:
                 self._holder.current = None
         return self._heads(hidden, run)
+
+    @property
+    def runtime(self) -> str:
+        """What runs its inference passes, e.g. `openvino-bf16` (the graph) or `torch-fp32`."""
+        if self.graph is not None:
+            return f"openvino-{self.graph.precision}"
+        return f"torch-{self.backbone.precision}"
 
     def _graph_serves(self, groups: Sequence[RowGroup], balance: bool) -> bool:
         return (

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 _OV_PRECISION: dict[Precision, str] = {"bf16": "bf16", "fp32": "f32"}
 # Part of the graph cache's key: bump when the traced computation changes.
-GRAPH_FORMAT = "spartan-graph-2"
+GRAPH_FORMAT = "spartan-graph-3"
 
 
 @dataclass(frozen=True)
@@ -176,10 +176,9 @@ class MemoryGraph:
         self.layernorm_names = tuple(layernorm_names)
         self.input_names = list(_example_encoding(backbone))
         folder = cache_dir / self._cache_key(backbone, ov.__version__) if cache_dir is not None else None
-        if folder is not None and (folder / "graph.xml").exists():
-            model = ov.Core().read_model(folder / "graph.xml")
-            with np.load(folder / "layernorms.npz") as saved:
-                self._base_affine = (saved["weight"], saved["bias"])
+        cached = self._read_cache(folder) if folder is not None else None
+        if cached is not None:
+            model, self._base_affine = cached
         else:
             source = fp32_source() if fp32_source is not None else backbone
             self._base_affine = self._backbone_affine(source)
@@ -223,6 +222,22 @@ class MemoryGraph:
             return ov.convert_model(traced, example_input=tuple(example), input=dynamic)
 
     @staticmethod
+    def _read_cache(folder: Path) -> tuple[Any, tuple[np.ndarray, np.ndarray]] | None:
+        """The cached graph and affines; None (convert again) for a missing, partial or unreadable
+        entry, which the next `_save` replaces."""
+        import openvino as ov
+
+        try:
+            with np.load(folder / "layernorms.npz") as saved:
+                affine = (saved["weight"], saved["bias"])
+            return ov.Core().read_model(folder / "graph.xml"), affine
+        except FileNotFoundError:
+            return None
+        except Exception as err:  # a damaged entry costs one conversion, never a start
+            log.warning("graph cache entry %s unreadable (%s); converting again", folder, err)
+            return None
+
+    @staticmethod
     def _save(model: Any, affine: tuple[np.ndarray, np.ndarray], folder: Path) -> None:
         """The graph and the backbone's LayerNorm affines (the bare rows' inputs), written beside and
         then renamed into place: a reader never sees half of them."""
@@ -234,6 +249,7 @@ class MemoryGraph:
             partial = Path(tempfile.mkdtemp(prefix=".partial-", dir=folder.parent))
             ov.save_model(model, partial / "graph.xml", compress_to_fp16=False)  # keep the fp32 weights
             np.savez(partial / "layernorms.npz", weight=affine[0], bias=affine[1])
+            shutil.rmtree(folder, ignore_errors=True)  # a damaged entry (a reader of it converts too)
             partial.rename(folder)
         except (OSError, RuntimeError) as err:  # a concurrent start won the rename; a read-only cache
             log.info("graph cache not written (%s); the next start converts again", err)

@@ -299,7 +299,11 @@ def test_probes_and_metrics(memory_file: Any, settings_for: Any, serve: Any, wri
         async with serve(settings) as (app, client):
             backbone = app.state.services.encoder.backbone
             fingerprint = backbone.fingerprint[:16]
-            build = f'spartan_build_info{{backbone="{backbone.name}",backbone_fingerprint="{fingerprint}"'
+            runtime = app.state.services.encoder.runtime
+            build = (
+                f'spartan_build_info{{backbone="{backbone.name}",backbone_fingerprint="{fingerprint}",'
+                f'runtime="{runtime}"'
+            )
             assert build in (await client.get("/metrics")).text
             await predict(client, "reviews")
             await client.put("/v1/tasks/other/memory", content=memory_file(seed=72))

@@ -206,6 +206,21 @@ def test_the_converted_graph_is_cached_and_reused(tmp_path, monkeypatch):
     assert not list(tmp_path.glob(".partial-*"))
 
 
+def test_a_damaged_cache_entry_is_converted_again_and_replaced(tmp_path):
+    encoder = SpartanEncoder(tiny_backbone("bert"))
+    build = dict(precision="fp32", threads=1, cache_dir=tmp_path)
+    MemoryGraph(tiny_backbone("bert"), encoder.layernorm_names, DEFAULT_SHAPE, **build)  # type: ignore[arg-type]
+    (entry,) = tmp_path.glob("*/graph.xml")
+    (entry.parent / "layernorms.npz").unlink()  # e.g. a start killed mid-way by an older build
+    graph = MemoryGraph(tiny_backbone("bert"), encoder.layernorm_names, DEFAULT_SHAPE, **build)  # type: ignore[arg-type]
+    assert (entry.parent / "layernorms.npz").exists()
+    ids = torch.randint(5, 100, (1, 4))
+    hidden, _ = graph.run(
+        {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, [None], torch.zeros(1).long()
+    )
+    assert torch.isfinite(hidden).all()
+
+
 def test_a_graph_that_cannot_be_built_falls_back_unless_required(
     monkeypatch, caplog, settings_for, tiny_backbone_dir, tmp_path
 ):
