@@ -112,17 +112,17 @@ def torch_child(
     import torch
 
     from app.engine.encoder import RowGroup
+    from app.engine.process import torch_threads_beside
     from app.engine.routing_tally import RoutingTally
     from app.engine.runner import EncoderRunner
 
-    encoder = harness.encoder(precision, runtime="openvino" if graph else "torch")
+    threads = torch.get_num_threads()
+    encoder = harness.encoder(precision, runtime="openvino" if graph else "torch")  # `threads` threads
     # Six distinct memory objects (the shipped files, each loaded twice): six groups in a pass, as six tasks.
     memories = [m for _ in range(2) for m in harness.shipped_memories(encoder).values()][:6]
-    eager = (
-        plain_openvino(precision, torch.get_num_threads())
-        if graph
-        else harness.encoder(precision).backbone.model
-    )
+    eager = plain_openvino(precision, threads) if graph else harness.encoder(precision).backbone.model
+    if graph:  # as `spartan serve` runs it: torch keeps one thread for the heads (torch_threads_beside)
+        torch.set_num_threads(torch_threads_beside(encoder.graph, threads) or threads)
     state = {"encoder": encoder, "eager": eager, "memories": memories}
     tally = RoutingTally()  # on by default in the service: served-6 counts its routing as served
     for number, memory in enumerate(memories):
