@@ -171,16 +171,22 @@ def test_every_family_the_graph_builds_for_gives_the_eager_numbers(family):
     assert_f32_close(actual.pooled, expected.pooled)
 
 
-def test_the_converted_graph_is_cached_and_reused(tmp_path, monkeypatch):
-    encoder = SpartanEncoder(tiny_backbone("bert"))
-    first = MemoryGraph(
+def tiny_graph(cache_dir: Path, **kw: object) -> MemoryGraph:
+    """A graph of the tiny random BERT, cached in `cache_dir`."""
+    names = SpartanEncoder(tiny_backbone("bert")).layernorm_names
+    return MemoryGraph(
         tiny_backbone("bert"),
-        encoder.layernorm_names,
+        names,
         DEFAULT_SHAPE,
         precision="fp32",
         threads=1,
-        cache_dir=tmp_path,
+        cache_dir=cache_dir,
+        **kw,  # type: ignore[arg-type]
     )
+
+
+def test_the_converted_graph_is_cached_and_reused(tmp_path, monkeypatch):
+    first = tiny_graph(tmp_path)
     assert len(list(tmp_path.glob("*/graph.xml"))) == 1
 
     def no_conversion(*args: object) -> None:
@@ -190,15 +196,7 @@ def test_the_converted_graph_is_cached_and_reused(tmp_path, monkeypatch):
         raise AssertionError("loaded an fp32 copy although the cache holds the graph")
 
     monkeypatch.setattr(MemoryGraph, "_convert", no_conversion)
-    second = MemoryGraph(
-        tiny_backbone("bert"),
-        encoder.layernorm_names,
-        DEFAULT_SHAPE,
-        precision="fp32",
-        threads=1,
-        cache_dir=tmp_path,
-        fp32_source=no_copy,
-    )
+    second = tiny_graph(tmp_path, fp32_source=no_copy)
     ids = torch.randint(5, 100, (2, 6))
     encoding = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     row_task = torch.zeros(2, dtype=torch.long)
@@ -207,12 +205,10 @@ def test_the_converted_graph_is_cached_and_reused(tmp_path, monkeypatch):
 
 
 def test_a_damaged_cache_entry_is_converted_again_and_replaced(tmp_path):
-    encoder = SpartanEncoder(tiny_backbone("bert"))
-    build = dict(precision="fp32", threads=1, cache_dir=tmp_path)
-    MemoryGraph(tiny_backbone("bert"), encoder.layernorm_names, DEFAULT_SHAPE, **build)  # type: ignore[arg-type]
+    tiny_graph(tmp_path)
     (entry,) = tmp_path.glob("*/graph.xml")
     (entry.parent / "layernorms.npz").unlink()  # e.g. a start killed mid-way by an older build
-    graph = MemoryGraph(tiny_backbone("bert"), encoder.layernorm_names, DEFAULT_SHAPE, **build)  # type: ignore[arg-type]
+    graph = tiny_graph(tmp_path)
     assert (entry.parent / "layernorms.npz").exists()
     ids = torch.randint(5, 100, (1, 4))
     hidden, _ = graph.run(
