@@ -194,14 +194,13 @@ class MemoryGraph:
         self._lock = threading.Lock()
         cells = shape.num_cells
         # Rows and layers without a memory: zero keys and values make the update exactly 0.
-        self._zero_layout = (
+        zero_keys, zero_values = (
             torch.zeros(self.hidden, shape.num_parents + cells),
             torch.zeros(cells, self.hidden),
         )
-        zeros = [self._zero_layout[0].numpy()] * self.num_layers + [
-            self._zero_layout[1].numpy()
-        ] * self.num_layers
-        self._bare = [*self._base_affine, *zeros]
+        self._zero_layout = (zero_keys, zero_values)
+        layers = self.num_layers
+        self._bare = [*self._base_affine, *[zero_keys.numpy()] * layers, *[zero_values.numpy()] * layers]
         self._packs: weakref.WeakKeyDictionary[TaskMemory, tuple[tuple[int, ...], list[np.ndarray]]]
         self._packs = weakref.WeakKeyDictionary()
 
