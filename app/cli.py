@@ -195,15 +195,12 @@ def _encoder(settings: Settings, *, serving_precision: bool) -> SpartanEncoder:
     served ones); `train` always runs the backbone in float32 (gradients flow through it)."""
     from app.engine.backbone import load_backbone
     from app.engine.encoder import SpartanEncoder
-    from app.engine.process import configure_torch_threads, torch_threads_beside
+    from app.engine.process import configure_torch_threads
     from app.engine.serving import serving_encoder
 
-    # This command is the process: its start, before any pass runs.
+    configure_torch_threads(settings.torch_threads)  # this command is the process: its start
     if serving_precision:
-        encoder = serving_encoder(settings)
-        configure_torch_threads(torch_threads_beside(encoder.graph, settings.torch_threads))
-        return encoder
-    configure_torch_threads(settings.torch_threads)
+        return serving_encoder(settings)
     return SpartanEncoder(load_backbone(settings.backbone, settings.cache_dir, precision="fp32"))
 
 

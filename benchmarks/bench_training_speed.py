@@ -382,7 +382,10 @@ def kept_run(job: dict[str, Any]) -> dict[str, Any]:
         config = FitConfig(
             job["lr"], budget.epochs, max_length=budget.max_length, eval_every=budget.eval_every, seed=seed
         )
-    rss, resettable = status_mib("VmRSS"), reset_peak()
+    # Reset first, then read: the high-water mark restarts at the RSS of the reset, so it can never be
+    # below an RSS read after it (read before, a page freed in between made the peak negative).
+    resettable = reset_peak()
+    rss = status_mib("VmRSS")
     if name == FAST:
         record = run_recipe(job["backbone"], job["task"], setting, seed, cache_dir, {})
         kept_s, total_s, kept = record["seconds_to_best"], record["train_seconds"], record["best_epoch"]
