@@ -94,9 +94,9 @@ class Settings(BaseSettings):
         default=None,
         ge=1,
         description="Threads of the forward pass, set once at process start by the `spartan` commands: the "
-        "compiled graph's (runtime openvino; torch then keeps 1 thread for the heads), or torch's intra-op "
-        "threads on the eager path; unset = all cores. Under a bare `uvicorn --factory`, also set "
-        "OMP_NUM_THREADS.",
+        "compiled graph's (runtime openvino; `spartan serve` then keeps torch at 1 thread for the heads), "
+        "or torch's intra-op threads on the eager path; unset = all cores. Under a bare `uvicorn "
+        "--factory`, also set OMP_NUM_THREADS.",
     )
 
     # ------------------------------------------------------------------------------------- service
