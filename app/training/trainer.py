@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from app.engine.backbone import bf16_is_native
+from app.engine.batcher import plan_passes
 from app.engine.encoder import RowGroup, SpartanEncoder
 from app.spartan.memfile import memory_to_bytes
 from app.spartan.memory import MemorySpec, TaskMemory
@@ -58,6 +60,15 @@ class TrainConfig:
     # a set beyond it takes the full forward (same results, slower). 200 MiniLM examples of 128 tokens
     # need 39 MB; a dev split of 5,000 long texts ~1 GB, too much for a small device.
     feature_cache_mb: int = 256
+    # A step's rows are sorted by length and cut into micro-batches where that saves more padded tokens
+    # than this (the service's pass planning); their gradients add up to the whole batch's, so the step
+    # is the same, only cheaper. None: one pass per step (needed for the load-balancing loss, which is a
+    # statistic of the whole batch).
+    step_overhead_tokens: int | None = 96
+    # Each step's forward under bf16 autocast (the layers' matmuls in bf16 on oneDNN; the memory's
+    # parameters, the loss and the optimiser stay float32). Only worth it where the CPU has native
+    # bfloat16: the few-shot recipe turns it on there.
+    bf16_steps: bool = False
 
     def first_memory_layer(self, num_layers: int) -> int:
         if self.memory_layers is None:
@@ -86,6 +97,7 @@ def few_shot_config(num_layers: int, **changes: Any) -> TrainConfig:
         memory_layers=min(trained + 1, num_layers),
         layernorm_layers=trained,
         eval_every=FEW_SHOT_EVAL_EVERY,
+        bf16_steps=bf16_is_native(),
     )
     return replace(recipe, **changes)
 
@@ -328,18 +340,42 @@ def run_epoch(
         steps, total=total, desc=f"epoch {epoch}/{config.epochs}", disable=not show_progress, leave=False
     )
     for positions in bar:
-        chunk = [data.train[i] for i in positions]
-        outputs, balance = train.outputs(memory, positions, balance=config.balance_weight > 0)
-        loss = task_loss(memory, outputs, data, chunk)
-        if balance is not None:
-            loss = loss + config.balance_weight * balance
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = accumulate_step(train, memory, data, config, positions)
         optimizer.step()
         scheduler.step()
-        losses.append(loss.item())
+        losses.append(loss)
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
     return EpochRecord(epoch, float(np.mean(losses)), time.perf_counter() - started, len(losses), {})
+
+
+def step_parts(train: PreparedExamples, positions: list[int], config: TrainConfig) -> list[list[int]]:
+    """The micro-batches of one step: length-sorted groups of `positions` (or all of them at once)."""
+    if config.step_overhead_tokens is None or config.balance_weight > 0:
+        return [positions]
+    lengths = [train.rows[i].length for i in positions]
+    planned = plan_passes(lengths, len(positions), config.step_overhead_tokens)
+    return [[positions[i] for i in part] for part in planned]
+
+
+def accumulate_step(
+    train: PreparedExamples, memory: TaskMemory, data: TaskData, config: TrainConfig, positions: list[int]
+) -> float:
+    """Back-propagate one step's loss (the mean over `positions`) micro-batch by micro-batch: each
+    part's mean loss weighted by its share of the rows, so the gradients sum to the whole batch's.
+    Rows do not interact in a forward pass (padding is masked), so only float rounding and the dropout
+    draws differ from one pass over the padded batch. Returns the step's loss."""
+    total = 0.0
+    for part in step_parts(train, positions, config):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16_steps):
+            outputs, balance = train.outputs(memory, part, balance=config.balance_weight > 0)
+        loss = task_loss(memory, outputs.float(), data, [data.train[i] for i in part])
+        if balance is not None:
+            loss = loss + config.balance_weight * balance
+        weighted = loss * (len(part) / len(positions))
+        weighted.backward()
+        total += weighted.item()
+    return total
 
 
 def prediction_records(

@@ -6,14 +6,24 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from parity import assert_f32_close
 
+from app.engine.backbone import bf16_is_native
 from app.engine.encoder import RowGroup
 from app.spartan.memfile import load_memory, memory_to_bytes
 from app.spartan.memory import MemorySpec, TaskMemory
 from app.training.datasets import Example, TaskData
 from app.training.features import PreparedExamples
-from app.training.trainer import TrainConfig, new_memory, predict_outputs, train_memory
+from app.training.trainer import (
+    TrainConfig,
+    accumulate_step,
+    few_shot_config,
+    new_memory,
+    predict_outputs,
+    step_parts,
+    train_memory,
+)
 
 
 @pytest.mark.model
@@ -119,3 +129,56 @@ def test_patience_stops_after_that_many_dev_scorings_without_a_new_best(minilm_e
     _, report = train_memory(minilm_encoder, replace(data, test=[]), config, show_progress=False)
     assert report.best_epoch == 1
     assert [r.epoch for r in report.epochs] == [1, 2, 3]
+
+
+# ------------------------------------------------ a step in length-sorted micro-batches, bf16 autocast
+
+
+def step_gradients(encoder, memory, data, config, positions) -> list[torch.Tensor]:
+    prepared = PreparedExamples(encoder, memory, data.train, cache_bytes=1 << 30)
+    for param in memory.parameters():
+        param.grad = None
+    loss = accumulate_step(prepared, memory, data, config, positions)
+    assert loss > 0
+    return [p.grad.clone() for p in memory.parameters() if p.requires_grad and p.grad is not None]
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("memory_layers", [None, 3])  # the full forward, and cached lower layers
+def test_a_step_cut_into_micro_batches_has_the_whole_batchs_gradient(minilm_encoder, memory_layers):
+    """Rows of very different lengths: the planner cuts the step, and the gradients summed over the
+    parts (each part's mean loss weighted by its rows) are the one padded pass's."""
+    data = toy_data()
+    one_pass = TrainConfig(memory_layers=memory_layers, step_overhead_tokens=None)
+    cut = replace(one_pass, step_overhead_tokens=0)
+    memory = new_memory(minilm_encoder, data, one_pass).eval()  # eval: no dropout, same numbers twice
+    positions = [4, 3, 1, 0, 6, 2]  # 3-16 tokens
+    prepared = PreparedExamples(minilm_encoder, memory, data.train, cache_bytes=1 << 30)
+    parts = step_parts(prepared, positions, cut)
+    assert len(parts) > 1
+    assert sorted(i for part in parts for i in part) == sorted(positions)
+    assert step_parts(prepared, positions, one_pass) == [positions]
+    whole = step_gradients(minilm_encoder, memory, data, one_pass, positions)
+    summed = step_gradients(minilm_encoder, memory, data, cut, positions)
+    assert len(whole) == len(summed) == sum(p.requires_grad for p in memory.parameters())
+    for got, expected in zip(summed, whole, strict=True):
+        assert_f32_close(got, expected)
+
+
+@pytest.mark.model
+def test_bf16_steps_run_the_pass_in_bf16_with_gradients_close_to_float32(minilm_encoder):
+    data = toy_data()
+    fp32 = TrainConfig(memory_layers=3)
+    memory = new_memory(minilm_encoder, data, fp32).eval()
+    positions = [0, 1, 2, 3, 4, 5, 6, 7]
+    exact = torch.cat([g.flatten() for g in step_gradients(minilm_encoder, memory, data, fp32, positions)])
+    bf16 = replace(fp32, bf16_steps=True)
+    rounded = torch.cat([g.flatten() for g in step_gradients(minilm_encoder, memory, data, bf16, positions)])
+    assert not torch.equal(rounded, exact)  # autocast did run the matmuls in bf16 ...
+    assert F.cosine_similarity(rounded, exact, dim=0) > 0.99  # ... and the step is the same step
+    assert all(p.dtype == torch.float32 for p in memory.parameters())
+
+
+def test_the_few_shot_recipe_uses_bf16_steps_only_where_the_cpu_has_bf16():
+    assert few_shot_config(6).bf16_steps == bf16_is_native()
+    assert few_shot_config(6).step_overhead_tokens is not None
