@@ -154,6 +154,17 @@ PILOT = {
     "mem4 ln3 drop0": variant(4, 3, 10, 3e-3, 5, dropout=0.0),
     "mem4 ln3 lr5e-3": variant(4, 3, 10, 5e-3, 5),
     "mem4 ln3 E32 e10 lr3e-3": variant(4, 3, 10, 3e-3, 5, num_parents=32),  # the one run on the suite
+    # The recipe as it was before its steps were cut into length-sorted micro-batches under bf16
+    # autocast (stop 19's suite records of "spartan-fast", renamed).
+    "mem4 ln3 fp32 one-pass": variant(4, 3, 10, 3e-3, 5, step_overhead_tokens=None, bf16_steps=False),
+    # Third round: the variants above ran before steps were cut into micro-batches under bf16; these
+    # run with both (the trainer's defaults now). Cheaper steps leave room for every layer.
+    "all e10 lr3e-3 bf16 split": variant(None, None, 10, 3e-3, 5),
+    "all e5 lr3e-3 bf16 split": variant(None, None, 5, 3e-3, 5),
+    "all e5 lr5e-3 bf16 split": variant(None, None, 5, 5e-3, 5),
+    "all e6 lr3e-3 every3 bf16 split": variant(None, None, 6, 3e-3, 3),
+    "all e8 lr3e-3 every4 bf16 split": variant(None, None, 8, 3e-3, 4),
+    "mem6 ln5 e8 every4 bf16 split": variant(6, 5, 8, 3e-3, 4),
 }
 
 

@@ -34,7 +34,16 @@ import benchmarks.fit as fit_module
 from app.settings import Settings
 from app.training.datasets import TaskData
 from benchmarks import harness
-from benchmarks.bench_accuracy import BUDGETS, CENTRE_LR, FAST, SUITE, run_recipe, spartan_encoder, task_data
+from benchmarks.bench_accuracy import (
+    BUDGETS,
+    CENTRE_LR,
+    FAST,
+    PILOT,
+    SUITE,
+    run_recipe,
+    spartan_encoder,
+    task_data,
+)
 from benchmarks.fit import FitConfig, encode, loss_of, targets
 from benchmarks.harness import reset_peak, status_mib
 from benchmarks.peers import BACKBONE_NAMES, Built, MethodUnavailable, build
@@ -211,11 +220,14 @@ def epoch_memory(job: dict[str, Any]) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def child(worker: str, job: dict[str, Any], threads: int) -> dict[str, Any]:
-    """One measurement in a fresh process of this script (its last stdout line is the JSON result)."""
+def child(
+    worker: str, job: dict[str, Any], threads: int, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """One measurement in a fresh process of this script (its last stdout line is the JSON result),
+    with `env` added to its environment."""
     command = [sys.executable, __file__, "--threads", str(threads), f"--{worker}", json.dumps(job)]
     try:
-        result: dict[str, Any] = harness.run_child(command, timeout_s=3600, env=harness.MMAP_ENV)
+        result: dict[str, Any] = harness.run_child(command, timeout_s=3600, env=env)
     except (RuntimeError, ValueError) as err:
         return {"error": str(err).strip().splitlines()[-1]}
     return result
@@ -239,7 +251,8 @@ def epoch_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def epoch_mode(args: argparse.Namespace, cache_dir: Path) -> dict[str, Any]:
     workload = SMOKE_WORKLOAD if args.smoke else FULL_WORKLOAD
-    names = [n for n in args.contenders or (SMOKE_CONTENDERS if args.smoke else CONTENDERS) if n != FAST]
+    contenders = args.contenders or (SMOKE_CONTENDERS if args.smoke else CONTENDERS)
+    names = [n for n in contenders if not n.startswith(FAST)]
     rounds = 2 if args.smoke else args.rounds or 5
     datasets = args.datasets or list(DATASETS[:1] if args.smoke else DATASETS)
     rows = []
@@ -258,6 +271,7 @@ def epoch_mode(args: argparse.Namespace, cache_dir: Path) -> dict[str, Any]:
                 "epoch-memory",
                 {**job, "workload": asdict(workload), "cache_dir": str(cache_dir)},
                 args.threads,
+                harness.MMAP_ENV,
             )
             print(f"memory {job}: {row['memory']}", flush=True)
     ratios = epoch_ratios(rows)
@@ -373,7 +387,7 @@ def kept_run(job: dict[str, Any]) -> dict[str, Any]:
     cache_dir, setting, seed, name = Path(job["cache_dir"]), job["setting"], job["seed"], job["contender"]
     budget = BUDGETS[setting]
     data = task_data(job["task"], setting, seed, cache_dir)  # read before the baseline (cached)
-    if name == FAST:
+    if name.startswith(FAST):
         spartan_encoder(job["backbone"], cache_dir)  # the build, before the baseline (cached)
     else:
         built = build(
@@ -386,8 +400,9 @@ def kept_run(job: dict[str, Any]) -> dict[str, Any]:
     # below an RSS read after it (read before, a page freed in between made the peak negative).
     resettable = reset_peak()
     rss = status_mib("VmRSS")
-    if name == FAST:
-        record = run_recipe(job["backbone"], job["task"], setting, seed, cache_dir, {})
+    if name.startswith(FAST):  # spartan-fast[NAME]: bench_accuracy's pilot variant NAME of the recipe
+        changes = PILOT[name[len(FAST) + 1 : -1]] if name != FAST else {}
+        record = run_recipe(job["backbone"], job["task"], setting, seed, cache_dir, changes)
         kept_s, total_s, kept = record["seconds_to_best"], record["train_seconds"], record["best_epoch"]
         evaluated, dev, test = sorted(int(e) for e in record["dev_by_epoch"]), record["dev"], record["test"]
     else:
@@ -417,6 +432,9 @@ def time_to_kept(args: argparse.Namespace, cache_dir: Path) -> list[dict[str, An
                     job = {"backbone": args.backbones[0], "task": task, "seed": seed, "contender": name,
                            "setting": setting, "lr": CENTRE_LR.get(name),  # spartan-fast: its recipe's
                            "cache_dir": str(cache_dir)}  # fmt: skip
+                    # glibc's own allocator settings, as a service runs: under MMAP_ENV every buffer of
+                    # 64 KiB or more is mapped and unmapped on its own, which made a run of many
+                    # small passes 1.6x slower (27 -> 43 s) and the times those of no real process.
                     result = kept_run(job) if args.smoke else child("kept-worker", job, args.threads)
                     runs.append({**job, "round": number, **result})
                     print(f"round {number + 1}: {task}/{seed}/{name}: {runs[-1]}", flush=True)
@@ -498,6 +516,13 @@ def render_kept(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def contender_name(name: str) -> str:
+    """A peer, the recipe, or the recipe's pilot variant as `spartan-fast[NAME]`."""
+    if name in (*CONTENDERS, FAST) or (name.startswith(f"{FAST}[") and name[len(FAST) + 1 : -1] in PILOT):
+        return name
+    raise argparse.ArgumentTypeError(f"{name!r}: one of {', '.join((*CONTENDERS, FAST))} or {FAST}[variant]")
+
+
 def main() -> None:
     cli = harness.parser(__doc__, harness.RESULTS)
     cli.add_argument("--mode", choices=("epoch", "to-kept"), default="epoch")
@@ -505,7 +530,7 @@ def main() -> None:
     cli.add_argument("--datasets", nargs="+", default=None, help="epoch mode")
     cli.add_argument("--tasks", nargs="+", default=list(SUITE), help="to-kept mode")
     cli.add_argument("--seeds", nargs="+", type=int, default=[0], help="to-kept mode")
-    cli.add_argument("--contenders", nargs="+", choices=[*CONTENDERS, FAST], default=None)
+    cli.add_argument("--contenders", nargs="+", type=contender_name, default=None)
     cli.add_argument("--reference", default="pfeiffer", help="to-kept mode: the ratios' denominator")
     cli.add_argument("--rounds", type=int, default=None, help="default 5 (epoch), 3 (to-kept)")
     cli.add_argument("--no-memory", action="store_true", help="epoch mode: skip the peak-memory processes")
