@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from app.engine.backbone import bf16_is_native
 from app.engine.batcher import plan_passes
 from app.engine.encoder import RowGroup, SpartanEncoder
 from app.spartan.memfile import memory_to_bytes
@@ -66,8 +65,10 @@ class TrainConfig:
     # statistic of the whole batch).
     step_overhead_tokens: int | None = 96
     # Each step's forward under bf16 autocast (the layers' matmuls in bf16 on oneDNN; the memory's
-    # parameters, the loss and the optimiser stay float32). Only worth it where the CPU has native
-    # bfloat16: the few-shot recipe turns it on there.
+    # parameters, the loss and the optimiser stay float32), for CPUs with native bfloat16. Off in the
+    # recipe: on the suite it saved ~7% of the time but held 4x the memory (a 200-example run peaked
+    # at 1,086 MiB against 263: oneDNN keeps bf16 kernels and weight copies per batch shape), too much
+    # for the small devices few-shot training is for (docs/RESULTS.md section 3c).
     bf16_steps: bool = False
 
     def first_memory_layer(self, num_layers: int) -> int:
@@ -97,7 +98,6 @@ def few_shot_config(num_layers: int, **changes: Any) -> TrainConfig:
         memory_layers=min(trained + 1, num_layers),
         layernorm_layers=trained,
         eval_every=FEW_SHOT_EVAL_EVERY,
-        bf16_steps=bf16_is_native(),
     )
     return replace(recipe, **changes)
 
