@@ -199,8 +199,8 @@ def _encoder(settings: Settings, *, serving_precision: bool) -> SpartanEncoder:
     from app.engine.serving import serving_encoder
 
     configure_torch_threads(settings.torch_threads)  # this command is the process: its start
-    if serving_precision:
-        return serving_encoder(settings)
+    if serving_precision:  # one pass at a time here: one stream, on every thread the command has
+        return serving_encoder(settings.model_copy(update={"engine_streams": 1}))
     return SpartanEncoder(load_backbone(settings.backbone, settings.cache_dir, precision="fp32"))
 
 

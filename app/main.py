@@ -115,7 +115,11 @@ def build_services(settings: Settings, metrics: Metrics, encoder: SpartanEncoder
         registry.add_listener(routing_tally.on_memory_change)
     registry.refresh_when_reachable(STORE_START_TIMEOUT_S)
     registry.load_pinned()
-    batcher = Batcher(EncoderRunner(encoder, routing_tally), BatchingConfig.from_settings(settings), metrics)
+    batcher = Batcher(
+        EncoderRunner(encoder, routing_tally),
+        BatchingConfig.from_settings(settings, encoder.concurrent_passes),
+        metrics,
+    )
     batcher.start()
     registry.start_polling(settings.store_poll_interval_s)
     limits = InputLimits.from_settings(settings)

@@ -93,10 +93,20 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(
         default=None,
         ge=1,
-        description="Threads of the forward pass, set once at process start by the `spartan` commands: the "
-        "compiled graph's (runtime openvino; `spartan serve` then keeps torch at 1 thread for the heads), "
-        "or torch's intra-op threads on the eager path; unset = all cores. Under a bare `uvicorn "
-        "--factory`, also set OMP_NUM_THREADS.",
+        description="Threads of each forward pass, set once at process start by the `spartan` commands: "
+        "the compiled graph's per stream (runtime openvino; `spartan serve` then keeps torch at 1 thread "
+        "for the heads; unset = the CPUs shared among the engine_streams), or torch's intra-op threads "
+        "on the eager path (unset = all cores). Under a bare `uvicorn --factory`, also set OMP_NUM_THREADS.",
+    )
+    engine_streams: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="Forward passes the compiled graph runs at once, each on torch_threads threads and fed "
+        "by its own batch worker. Under load, passes side by side on one thread each keep every core busy, "
+        "where one pass on all cores waits for its slowest thread (docs/ENGINE.md). Unset = one stream per "
+        "torch_threads threads of the CPUs (one single-thread stream per CPU when both are unset); 1 = the "
+        "lowest latency of a lone request. The eager path runs one pass at a time whatever this says.",
     )
 
     # ------------------------------------------------------------------------------------- service

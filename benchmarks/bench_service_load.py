@@ -64,6 +64,9 @@ class Config:
     inprocess_rounds: int = 5
     inprocess_target_s: float = 0.5  # seconds per contender per round
     ab_rounds: int = 3
+    server_threads: tuple[
+        int, ...
+    ] = ()  # A/B and --infinity: each server at each of these (default: threads)
 
     @classmethod
     def smoke(cls, threads: int) -> Config:
@@ -164,6 +167,21 @@ def window_rounds(names: Iterable[str], rounds: int, window: Callable[[str], Any
 
 def per_round_ratio(runs: dict[str, list[dict[str, Any]]], key: str, top: str, bottom: str) -> Any:
     return harness.spread([a[key] / b[key] for a, b in zip(runs[top], runs[bottom], strict=True)])
+
+
+def with_threads(name: str, threads: int, server_threads: list[int]) -> str:
+    """A server's name, with its thread count where several are compared."""
+    return f"{name} t{threads}" if len(server_threads) > 1 else name
+
+
+def best_of(result: dict[str, Any], prefix: str) -> str:
+    """The configuration of a server (any thread count) with the highest median rows/s."""
+    names = [n for n in result["figures"] if n == prefix or n.startswith(f"{prefix} t")]
+    return max(names, key=lambda n: result["figures"][n]["throughput_rps"]["median"])
+
+
+def runtime(comparison: dict[str, Any], name: str) -> str:
+    return str(comparison["runs"][name][0].get("server_runtime", "?"))
 
 
 def figures_table(column: str, figures: dict[str, dict[str, Any]]) -> list[str]:
@@ -313,20 +331,29 @@ def against_baseline(store: Path, texts: Path, config: Config, baseline_root: Pa
     roots = {"current": harness.ROOT, "baseline": baseline_root.resolve()}
     with contextlib.ExitStack() as stack:
         servers = {
-            name: stack.enter_context(harness.serve_store(store, batch_size=config.batch_size,
-                                                          threads=config.threads, root=root, wait=False))
+            with_threads(name, threads, config.server_threads): stack.enter_context(harness.serve_store(
+                store, batch_size=config.batch_size, threads=threads, root=root, wait=False
+            ))
             for name, root in roots.items()
+            for threads in config.server_threads
         }  # fmt: skip
-        for server in servers.values():  # started together, both ready before the first window
+        for server in servers.values():  # started together, all ready before the first window
             server.wait_ready()
         result = window_rounds(
-            roots,
+            servers,
             config.ab_rounds,
             lambda n: run_loadgen(servers[n], "zipf", texts, config, config.duration_s),
         )
     commits = {f"{name}_commit": git_commit(root) for name, root in roots.items()}
-    ratio = per_round_ratio(result["runs"], "throughput_rps", "current", "baseline")
-    return {"baseline_root": str(roots["baseline"]), **commits, **result, "throughput_ratio": ratio}
+    best = {name: best_of(result, name) for name in roots}  # each build at its best thread count
+    ratio = per_round_ratio(result["runs"], "throughput_rps", best["current"], best["baseline"])
+    return {
+        "baseline_root": str(roots["baseline"]),
+        **commits,
+        **result,
+        "best": best,
+        "throughput_ratio": ratio,
+    }
 
 
 def git_commit(root: Path) -> str | None:
@@ -342,24 +369,30 @@ def against_infinity(store: Path, texts: Path, config: Config) -> dict[str, Any]
     servers alive side by side, one window each per round, in rotated order."""
     model_dir = peer_infinity.prepare_classifier()
     with contextlib.ExitStack() as stack:
-        servers: dict[str, Any] = {
-            "spartan": stack.enter_context(
-                harness.serve_store(store, batch_size=config.batch_size, threads=config.threads)
+        servers: dict[str, Any] = {}
+        for threads in config.server_threads:
+            servers[with_threads("spartan", threads, config.server_threads)] = stack.enter_context(
+                harness.serve_store(store, batch_size=config.batch_size, threads=threads)
             )
-        }
-        for name, variant in INFINITY_VARIANTS.items():
-            servers[name] = stack.enter_context(peer_infinity.start_infinity(
-                model_dir, threads=config.threads, batch_size=config.batch_size, **variant
-            ))  # fmt: skip
+            for name, variant in INFINITY_VARIANTS.items():
+                servers[with_threads(name, threads, config.server_threads)] = stack.enter_context(
+                    peer_infinity.start_infinity(
+                        model_dir, threads=threads, batch_size=config.batch_size, **variant
+                    )
+                )
 
         def window(name: str) -> dict[str, Any]:
-            target = "" if name == "spartan" else "infinity"
+            target = "" if name.startswith("spartan") else "infinity"
             return run_loadgen(servers[name], "zipf", texts, config, config.duration_s, target)
 
         result = window_rounds(servers, config.ab_rounds, window)
-    best = max(INFINITY_VARIANTS, key=lambda n: result["figures"][n]["throughput_rps"]["median"])
-    ratio = per_round_ratio(result["runs"], "throughput_rps", "spartan", best)
-    return {**result, "best_peer": best, "spartan_over_best_peer": ratio}
+    best = max(
+        (best_of(result, n) for n in INFINITY_VARIANTS),
+        key=lambda n: result["figures"][n]["throughput_rps"]["median"],
+    )
+    spartan = best_of(result, "spartan")
+    ratio = per_round_ratio(result["runs"], "throughput_rps", spartan, best)
+    return {**result, "best_spartan": spartan, "best_peer": best, "spartan_over_best_peer": ratio}
 
 
 def under_training(store: Path, texts: Path, config: Config, cache_dir: Path) -> dict[str, Any]:
@@ -388,8 +421,9 @@ def run_intro(results: dict[str, Any]) -> str:
     env, cfg = results["environment"], results["config"]
     return (
         f"`{results['command']}` ({env['date']}, {env['cpu']}, {env['cpu_count']} CPUs). "
-        f"{cfg['concurrency']} closed-loop clients, single-text requests; {cfg['threads']} thread(s) and "
-        f"batch {cfg['batch_size']} for every server"
+        f"{cfg['concurrency']} closed-loop clients, single-text requests; "
+        f"{'/'.join(str(t) for t in cfg.get('server_threads') or [cfg['threads']])} thread(s) (`tN` in a "
+        f"name: started with N) and batch {cfg['batch_size']} for every server"
     )
 
 
@@ -401,7 +435,8 @@ def infinity_markdown(results: dict[str, Any]) -> str:
         "MiniLM classifier (`/classify`, the same texts); all servers alive side by side, "
         f"{peers['rounds']} rounds of one window each, rotated. Median [min, max].", "",
         *figures_table("server", peers["figures"]), "",
-        f"spartan-serve / the best infinity engine ({peers['best_peer']}), per round: "
+        f"spartan-serve ({peers.get('best_spartan', 'spartan')}) / the best infinity engine "
+        f"({peers['best_peer']}), per round: "
         f"{harness.fmt_spread(peers['spartan_over_best_peer'], 2)}.", "",
     ])  # fmt: skip
 
@@ -538,7 +573,7 @@ def markdown(results: dict[str, Any]) -> str:
     if "ab" in results:
         ab = results["ab"]
         builds = {
-            f"{name} ({ab[f'{name}_commit'] or '?'}, {ab['runs'][name][0].get('server_runtime', '?')})": f
+            f"{name} ({ab[f'{name.split()[0]}_commit'] or '?'}, {runtime(ab, name)})": f
             for name, f in ab["figures"].items()
         }
         lines += [
@@ -551,7 +586,9 @@ def markdown(results: dict[str, Any]) -> str:
             "",
             *figures_table("build", builds),
             "",
-            f"Throughput current / baseline, per round: {harness.fmt_spread(ab['throughput_ratio'], 2)}.",
+            f"Throughput current / baseline (each at its best thread count: "
+            f"{' / '.join(ab['best'].values())}), per round: "
+            f"{harness.fmt_spread(ab['throughput_ratio'], 2)}.",
         ]
     return "\n".join(lines) + "\n"
 
@@ -567,8 +604,9 @@ def run(args: Any) -> dict[str, Any]:
 
     threads = args.threads or max(1, (os.cpu_count() or 2) - 1)
     config = replace(
-        Config.smoke(threads) if args.smoke else Config(threads=threads), ab_rounds=args.ab_rounds
-    )
+        Config.smoke(threads) if args.smoke else Config(threads=threads), ab_rounds=args.ab_rounds,
+        server_threads=tuple(args.server_threads or [threads]),
+    )  # fmt: skip
     torch.set_num_threads(config.threads)
     served = Settings()  # the in-process contenders run what the service serves (precision, runtime)
     encoder = harness.encoder(served.precision, name=served.backbone, runtime=served.runtime)
@@ -627,6 +665,8 @@ def main() -> None:
     cli.add_argument("--under-training", action="store_true", help=job)
     peer = "only the Zipf load against infinity-emb's engines (service_vs_infinity.*; make infinity-env)"
     cli.add_argument("--infinity", action="store_true", help=peer)
+    each = "A/B and --infinity: start every server once per thread count given (default: --threads)"
+    cli.add_argument("--server-threads", type=int, nargs="+", default=None, help=each)
     args = cli.parse_args()
     if args.loadgen:
         print(json.dumps(asyncio.run(measure_window(json.loads(args.loadgen)))))

@@ -313,7 +313,8 @@ def fixed_length_batch(tokenizer: Any, batch: int, length: int) -> dict[str, Any
 
 def encoder(precision: str = "fp32", name: str = MINILM, runtime: str = "torch") -> Any:
     """The service's encoder on a freshly loaded backbone; runtime "openvino" adds the compiled graph
-    (app/engine/graph.py), as `SPARTAN_RUNTIME=openvino` serves, with this process's torch threads."""
+    (app/engine/graph.py), as `SPARTAN_RUNTIME=openvino` serves, with this process's torch threads in
+    one stream (a benchmark's passes run one after another)."""
     import torch
 
     from app.engine.serving import serving_encoder
@@ -324,6 +325,7 @@ def encoder(precision: str = "fp32", name: str = MINILM, runtime: str = "torch")
         precision=precision,
         runtime=runtime,
         torch_threads=torch.get_num_threads(),  # type: ignore[arg-type]
+        engine_streams=1,  # type: ignore[arg-type]
     )
     return serving_encoder(settings)
 

@@ -1,4 +1,4 @@
-"""The dynamic batcher: a bounded queue, and one worker thread that runs batches of rows of any tasks.
+"""The dynamic batcher: a bounded queue, and worker threads that run batches of rows of any tasks.
 
 * Requests arrive from the event loop (`submit`) with their memory already resolved, so a hot swap
   never changes a request in flight: the rows carry the memory object itself.
@@ -7,6 +7,8 @@
   so a small request of one task waits for at most one batch per other busy task, never behind a
   queue of another task's huge ones. It waits at most `max_wait_s` after the oldest request arrived
   for a batch to fill.
+* One worker per pass the runner can run at once (the graph's streams; one on the eager path): while
+  one worker's pass runs, the next takes and prepares its batch and runs its own pass beside it.
 * Rows of one batch are sorted by token length and cut into forward passes where that saves more
   padding than a pass costs (`plan_passes`).
 * A failing pass fails only the requests with rows in it, and a row that fails on its own (the
@@ -160,11 +162,13 @@ class BatchingConfig:
     max_queue_work_s: float  # most estimated seconds of work waiting (admission by cost)
     request_timeout_s: float  # a request's deadline, queueing included
     pass_overhead_tokens: int  # the cost of one more forward pass, in padded tokens (pass planning)
+    workers: int = 1  # worker threads: the passes the runner can run at once (not a setting: the engine's)
     stall_after_s: float = 120.0  # not a setting: a batch running this long means a stuck worker
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> BatchingConfig:
+    def from_settings(cls, settings: Settings, workers: int = 1) -> BatchingConfig:
         return cls(
+            workers=workers,
             max_batch_size=settings.max_batch_size,
             max_wait_s=settings.max_wait_ms / 1000,
             max_queue_rows=settings.max_queue_rows,
@@ -189,8 +193,8 @@ class Batcher:
         self._seconds_per_token = _INITIAL_SECONDS_PER_TOKEN  # moving average, for admission
         self._cond = threading.Condition()
         self._stopping = False
-        self._thread: threading.Thread | None = None
-        self._busy_since: float | None = None  # when the batch in progress started
+        self._threads: list[threading.Thread] = []
+        self._busy_since: dict[int, float] = {}  # worker thread id -> when its batch in progress started
         self._batch_seconds = 0.1  # moving average of a batch's duration, for Retry-After
         self._listeners: list[Callable[[BatchRecord], None]] = []
         self.metrics.queue_capacity.set(config.max_queue_rows)
@@ -198,14 +202,18 @@ class Batcher:
     # --------------------------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
-        if self._thread is not None:
+        if self._threads:
             return
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="spartan-batcher", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"spartan-batcher-{number}", daemon=True)
+            for number in range(self.config.workers)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        """Finish the batch in progress, fail everything still queued with NotReady, join the worker."""
+        """Finish the batches in progress, fail everything still queued with NotReady, join the workers."""
         with self._cond:
             self._stopping = True
             pending = list(self._queue)
@@ -215,17 +223,18 @@ class Batcher:
             self._cond.notify_all()
         for request in pending:
             _fail(request, NotReady("the service is shutting down"))
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            self._thread = None
+        deadline = time.monotonic() + timeout_s
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self._threads = []
         self.metrics.queue_depth.set(0)
 
     def health(self) -> str | None:
-        """None if the worker is alive and making progress; otherwise why not."""
-        if self._thread is None or not self._thread.is_alive():
+        """None if every worker is alive and making progress; otherwise why not."""
+        if not self._threads or not all(thread.is_alive() for thread in self._threads):
             return "batch worker is not running"
-        busy_since = self._busy_since
-        if busy_since is not None and time.monotonic() - busy_since > self.config.stall_after_s:
+        now = time.monotonic()
+        if any(now - since > self.config.stall_after_s for since in list(self._busy_since.values())):
             return f"batch worker has been stuck on one batch for over {self.config.stall_after_s:.0f}s"
         return None
 
@@ -275,7 +284,7 @@ class Batcher:
             task, memory, inputs, record_routing, now, now + self.config.request_timeout_s, cost_tokens=cost
         )
         with self._cond:
-            if self._stopping or self._thread is None:
+            if self._stopping or not self._threads:
                 raise NotReady("the batch worker is not running")
             self._admit(request)
             self._queue.append(request)
@@ -305,27 +314,28 @@ class Batcher:
 
     def _retry_after(self) -> float:
         # The time the work queued ahead needs to drain, at the recent pace; at least a second.
-        by_rows = self._queued_rows / self.config.max_batch_size * self._batch_seconds
+        by_rows = self._queued_rows / self.config.max_batch_size * self._batch_seconds / self.config.workers
         by_tokens = self._queued_tokens * self._seconds_per_token
         return max(1.0, by_rows, by_tokens)
 
     # --------------------------------------------------------------------------------- the worker
 
     def _loop(self) -> None:
+        worker = threading.get_ident()
         while not self._stopping:
             # Per batch, not around the loop: whatever one batch does, the next one runs.
             batch: list[QueuedRequest] = []
             try:
                 batch = self._take_batch()
                 if batch:
-                    self._busy_since = time.monotonic()
+                    self._busy_since[worker] = time.monotonic()
                     self._run_batch(batch)
             except Exception:
                 log.exception("batch worker error (the worker goes on)")
                 for request in batch:  # nobody may wait forever for a batch that broke
                     _fail(request, InferenceFailed("inference failed for the batch holding this request"))
             finally:
-                self._busy_since = None
+                self._busy_since.pop(worker, None)
 
     def _take_batch(self) -> list[QueuedRequest]:
         with self._cond:
@@ -416,10 +426,12 @@ class Batcher:
         finally:
             self._complete(batch, outcomes, started)
         seconds = time.monotonic() - started
-        self._batch_seconds = 0.9 * self._batch_seconds + 0.1 * seconds
         padded_tokens = sum(p.rows * p.padded_length for p in passes)
-        if padded_tokens >= _MIN_TOKENS_FOR_PACE:
-            self._seconds_per_token = 0.8 * self._seconds_per_token + 0.2 * seconds / padded_tokens
+        with self._cond:  # the queue drains at the pace of all workers together
+            self._batch_seconds = 0.9 * self._batch_seconds + 0.1 * seconds
+            if padded_tokens >= _MIN_TOKENS_FOR_PACE:
+                pace = seconds / padded_tokens / self.config.workers
+                self._seconds_per_token = 0.8 * self._seconds_per_token + 0.2 * pace
         self._publish(batch, outcomes, passes, seconds)
 
     def _run_passes(

@@ -316,6 +316,11 @@ class SpartanEncoder:
         return self._heads(hidden, run)
 
     @property
+    def concurrent_passes(self) -> int:
+        """Passes that can run at once: the graph's streams; the eager path runs one at a time."""
+        return self.graph.streams if self.graph is not None else 1
+
+    @property
     def runtime(self) -> str:
         """What runs its inference passes, e.g. `openvino-bf16` (the graph) or `torch-fp32`."""
         if self.graph is not None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import queue
 import shutil
 import tempfile
 import threading
@@ -162,13 +163,16 @@ class MemoryGraph:
         *,
         precision: Precision,
         threads: int,
+        streams: int = 1,
         cache_dir: Path | None = None,
         fp32_source: Callable[[], Backbone] | None = None,
     ):
-        """`backbone`: the backbone served (sizes, tokenizer, fingerprint). The graph is converted from
-        an fp32 copy, `fp32_source()` (default: `backbone` itself, which the conversion then consumes:
-        its modules are rewritten for tracing), made only when `cache_dir` does not hold the graph
-        already; a start with the cache warm skips both the copy and the ~4 s conversion."""
+        """`threads`: each pass's threads; `streams`: passes that may run at once (from as many callers'
+        threads), each on its own `threads`. `backbone`: the backbone served (sizes, tokenizer,
+        fingerprint). The graph is converted from an fp32 copy, `fp32_source()` (default: `backbone`
+        itself, which the conversion then consumes: its modules are rewritten for tracing), made only
+        when `cache_dir` does not hold the graph already; a start with the cache warm skips both the copy
+        and the ~4 s conversion."""
         import openvino as ov
 
         self.shape, self.precision = shape, precision
@@ -185,13 +189,19 @@ class MemoryGraph:
             model = self._convert(source)
             if folder is not None:
                 self._save(model, self._base_affine, folder)
+        # Streams share the compiled weights; each has its own threads, and each infer request its own
+        # buffers, so `streams` callers run at once with no lock between them.
         config = {
             "INFERENCE_PRECISION_HINT": _OV_PRECISION[precision],
-            "INFERENCE_NUM_THREADS": threads,
-            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_NUM_THREADS": threads * streams,
+            **({"NUM_STREAMS": streams} if streams > 1 else {"PERFORMANCE_HINT": "LATENCY"}),
         }
-        self._request = ov.Core().compile_model(model, "CPU", config).create_infer_request()
-        self._lock = threading.Lock()
+        compiled = ov.Core().compile_model(model, "CPU", config)
+        self.streams = streams
+        self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        for _ in range(streams):
+            self._requests.put(compiled.create_infer_request())
+        self._packs_lock = threading.Lock()
         cells = shape.num_cells
         # Rows and layers without a memory: zero keys and values make the update exactly 0.
         zero_keys, zero_values = (
@@ -297,9 +307,12 @@ class MemoryGraph:
         inputs = [encoding[name].numpy() for name in self.input_names]
         inputs.append(row_task.numpy())
         inputs += [_stack([pack[part] for pack in packs]) for part in range(len(packs[0]))]
-        with self._lock:
-            result = self._request.infer(inputs, share_inputs=True)
+        request = self._requests.get()  # a free stream's request; waits while all of them run
+        try:
+            result = request.infer(inputs, share_inputs=True)
             hidden, parents = (torch.from_numpy(result[i].copy()) for i in range(2))
+        finally:
+            self._requests.put(request)
         return hidden, parents.long()
 
     def _pack(self, memory: TaskMemory | None) -> list[np.ndarray]:
@@ -308,7 +321,8 @@ class MemoryGraph:
         if memory is None:
             return self._bare
         key = _version_key(memory)
-        cached = self._packs.get(memory)
+        with self._packs_lock:
+            cached = self._packs.get(memory)
         if cached is not None and cached[0] == key:
             return cached[1]
         weight, bias = (a.copy() for a in self._base_affine)
@@ -324,7 +338,8 @@ class MemoryGraph:
             keys.append(scores_t.numpy())
             values.append(cell_values.numpy())
         pack = [weight, bias, *keys, *values]
-        self._packs[memory] = (key, pack)
+        with self._packs_lock:  # two streams may pack one memory at once: the same arrays, either wins
+            self._packs[memory] = (key, pack)
         return pack
 
 
@@ -344,6 +359,7 @@ def try_memory_graph(
     *,
     precision: Precision,
     threads: int,
+    streams: int = 1,
     required: bool,
     cache_dir: Path | None = None,
     fp32_source: Callable[[], Backbone] | None = None,
@@ -353,8 +369,8 @@ def try_memory_graph(
     shape = GraphShape.of(MemorySpec(num_layers=backbone.num_layers, hidden_size=backbone.hidden_size))
     try:
         return MemoryGraph(
-            backbone, layernorm_names, shape, precision=precision, threads=threads, cache_dir=cache_dir,
-            fp32_source=fp32_source,
+            backbone, layernorm_names, shape, precision=precision, threads=threads, streams=streams,
+            cache_dir=cache_dir, fp32_source=fp32_source,
         )  # fmt: skip
     except Exception as err:  # ImportError, or any conversion failure of an unusual family
         if required:

@@ -13,13 +13,15 @@ row what it would get served alone:
   event loop only reads them. A row whose output is not finite is marked, and fails alone;
 * a row the tokenizer refuses fails alone (InvalidInput), never its neighbours.
 
-Tokenisation runs only in the batcher's worker thread: a Hugging Face fast tokenizer changes its
-truncation settings per call and must not be called concurrently with different settings.
+Tokenisation runs under the runner's lock (the batcher may have several workers): a Hugging Face fast
+tokenizer changes its truncation settings per call and must not be called concurrently with different
+settings.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -88,6 +90,7 @@ class EncoderRunner:
         self.tokenizer = encoder.backbone.tokenizer
         self.pooling = encoder.backbone.pooling
         self.routing_tally = routing_tally
+        self._tokenizer_lock = threading.Lock()
 
     def prepare(self, rows: Sequence[Row]) -> list[PreparedRow]:
         """Tokenise without padding, one tokenizer call per (max_length, pairs) setting; if a call
@@ -128,14 +131,15 @@ class EncoderRunner:
         # a pair task given a single text gets "" as its pair, as in training.
         texts = [rows[i].text for i in indices]
         second = [rows[i].pair or "" for i in indices] if pairs else None
-        encoded = self.tokenizer(
-            texts,
-            second,
-            padding=False,
-            truncation="longest_first" if second else True,
-            max_length=min(max_length, self.encoder.backbone.max_positions),
-            return_attention_mask=False,
-        )
+        with self._tokenizer_lock:
+            encoded = self.tokenizer(
+                texts,
+                second,
+                padding=False,
+                truncation="longest_first" if second else True,
+                max_length=min(max_length, self.encoder.backbone.max_positions),
+                return_attention_mask=False,
+            )
         names = [name for name in encoded if name != "attention_mask"]
         return [{name: list(encoded[name][i]) for name in names} for i in range(len(indices))]
 

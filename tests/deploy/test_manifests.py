@@ -783,7 +783,10 @@ def test_pod_settings_are_real_and_validate(
     assert settings.store == "s3"
     assert settings.admin_api_key is not None
     container = only(rendered, "Deployment")["spec"]["template"]["spec"]["containers"][0]
-    assert settings.torch_threads == int(container["resources"]["limits"]["cpu"]), "threads = CPU limit"
+    cpus = int(container["resources"]["limits"]["cpu"])
+    assert settings.torch_threads is not None
+    assert settings.engine_streams is not None
+    assert settings.torch_threads * settings.engine_streams == cpus, "threads x streams = CPU limit"
     assert settings.metrics_api_key is not None, (
         "/metrics names every task: the ServiceMonitor scrapes with a key"
     )

@@ -462,3 +462,82 @@ def test_the_pace_is_learnt_from_batches_with_real_work_not_from_tiny_ones() -> 
     finally:
         runner.release()
         batcher.stop()
+
+
+class BarrierRunner(FakeRunner):
+    """Each pass waits at a barrier for another pass to arrive: two passes must run at once."""
+
+    def __init__(self, parties: int) -> None:
+        super().__init__()
+        self.barrier = threading.Barrier(parties, timeout=5)
+
+    def run(self, rows: Sequence[PreparedRow]) -> list[RowOutput]:
+        self.barrier.wait()
+        return super().run(rows)
+
+
+def test_two_workers_run_two_batches_at_once() -> None:
+    """With workers=2 a second batch starts while the first one's pass runs (the graph's streams);
+    with one worker the second pass could never reach the barrier and both would fail."""
+    runner = BarrierRunner(parties=2)
+    batcher, records = make_batcher(runner, workers=2, max_batch_size=1, max_wait_s=0.0)
+    memory = tiny_task(1)
+    try:
+        first = batcher.enqueue("a", memory, inputs("one"))
+        second = batcher.enqueue("b", memory, inputs("two words"))
+        assert first.future.result(10).rows[0].outputs[0] == 1
+        assert second.future.result(10).rows[0].outputs[0] == 2
+        assert len(records) == 2
+        assert batcher.health() is None
+    finally:
+        runner.barrier.abort()
+        batcher.stop()
+
+
+def test_one_worker_runs_one_batch_at_a_time() -> None:
+    runner = BarrierRunner(parties=2)
+    runner.barrier = threading.Barrier(2, timeout=0.3)
+    batcher, _ = make_batcher(runner, workers=1, max_batch_size=1, max_wait_s=0.0)
+    memory = tiny_task(1)
+    try:
+        first = batcher.enqueue("a", memory, inputs("one"))
+        with pytest.raises(InferenceFailed):  # nobody else reached the barrier: it broke
+            first.future.result(10)
+    finally:
+        batcher.stop()
+
+
+def test_with_two_workers_a_stuck_one_is_reported_and_stop_joins_both() -> None:
+    runner = FakeRunner(hold=True)
+    batcher, _ = make_batcher(runner, workers=2, stall_after_s=0.2)
+    try:
+        held = batcher.enqueue("a", tiny_task(1), inputs("x"))
+        assert runner.entered.wait(5)
+        assert batcher.health() is None
+        time.sleep(0.3)
+        assert "stuck" in (batcher.health() or "")
+        runner.release()
+        held.future.result(5)
+        assert batcher.health() is None
+    finally:
+        runner.release()
+        batcher.stop()
+    assert batcher.health() == "batch worker is not running"
+    assert not [t for t in threading.enumerate() if t.name.startswith("spartan-batcher")]
+
+
+def test_the_pace_counts_every_worker() -> None:
+    """Two workers drain the queue twice as fast as one batch's seconds say: the pace (s per padded
+    token, for admission) is a batch's seconds over its tokens, divided by the workers."""
+    paces = {}
+    for workers in (1, 2):
+        runner = FakeRunner(delay_s=0.05)
+        batcher, _ = make_batcher(runner, workers=workers, max_wait_s=0.0)
+        text = inputs(*["word " * 200] * 8)  # one batch of 8 rows x 200 tokens: above the pace's floor
+        try:
+            for _ in range(30):  # the moving average settles on the measured pace
+                batcher.enqueue("a", tiny_task(1), text).future.result(5)
+        finally:
+            batcher.stop()
+        paces[workers] = batcher._seconds_per_token
+    assert paces[2] == pytest.approx(paces[1] / 2, rel=0.25)

@@ -3,7 +3,9 @@ at fp32 for every mix of rows the service builds, bf16 close to fp32, and a fall
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from test_encoder import FAMILIES, TEXTS, perturbed_memory, tiny_backbone
 from app.engine.backbone import Backbone, load_backbone
 from app.engine.encoder import EncoderOutput, RowGroup, SpartanEncoder
 from app.engine.graph import GraphShape, MemoryGraph, try_memory_graph
-from app.engine.serving import serving_encoder
+from app.engine.serving import available_cpus, engine_streams, pass_threads, serving_encoder
 from app.errors import BackboneError
 from app.spartan.memory import MemorySpec, TaskMemory
 
@@ -252,3 +254,67 @@ def test_the_serving_encoder_serves_on_the_graph_by_default(settings_for, tiny_b
     groups = [RowGroup(memory.eval(), torch.tensor([0])), RowGroup(None, torch.tensor([1]))]
     with torch.inference_mode():
         assert_f32_close(encoder.forward(encoding, groups).pooled, eager.forward(encoding, groups).pooled)
+
+
+def test_streams_run_passes_side_by_side_each_with_its_own_result():
+    """Two streams: passes from four threads at once (two in flight, two waiting for a free stream)
+    each get the result of the same pass run alone. A stream whose buffers another pass shared would
+    hand rows of one caller another caller's states."""
+    eager = SpartanEncoder(tiny_backbone("bert"))
+    encoder = graph_encoder(tiny_backbone("bert"), tiny_backbone("bert"), streams=2)
+    assert encoder.graph is not None
+    assert encoder.concurrent_passes == 2
+    memories = [perturbed_memory(eager, seed) for seed in range(4)]
+    generator = torch.Generator().manual_seed(3)
+    passes = []
+    for number, memory in enumerate(memories):
+        ids = torch.randint(5, 100, (3, 5 + 2 * number), generator=generator)
+        encoding = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        passes.append((encoding, [RowGroup(memory, torch.tensor([0, 2])), RowGroup(None, torch.tensor([1]))]))
+
+    def run(number: int) -> EncoderOutput:
+        with torch.inference_mode():
+            return encoder.forward(*passes[number])
+
+    alone = [run(number) for number in range(len(passes))]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        for _ in range(5):
+            together = list(pool.map(run, range(len(passes))))
+            for single, shared in zip(alone, together, strict=True):
+                assert_f32_close(shared.pooled, single.pooled)
+                assert_f32_close(shared.outputs[0], single.outputs[0])
+
+
+def test_engine_streams_and_their_threads_share_the_cpus(settings_for, monkeypatch):
+    monkeypatch.setattr("app.engine.serving.available_cpus", lambda: 4)
+    shares = {
+        (None, None): (4, 1),  # the default: one single-thread stream per CPU
+        (1, None): (4, 1),
+        (2, None): (2, 2),
+        (8, None): (1, 8),
+        (None, 1): (1, 4),  # one stream: every CPU on each pass
+        (None, 3): (3, 1),
+        (1, 3): (3, 1),
+    }
+    for (threads, streams), expected in shares.items():
+        settings = settings_for(torch_threads=threads, engine_streams=streams)
+        assert (engine_streams(settings), pass_threads(settings)) == expected, (threads, streams)
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({}, None),  # no cgroup files: the affinity alone
+        ({"cpu.max": "max 100000\n"}, None),  # v2, no limit
+        ({"cpu.max": "200000 100000\n"}, 2),  # v2, a 2-CPU limit
+        ({"cpu.max": "150000 100000\n"}, 2),  # 1.5 CPUs: a second stream still gets half a core
+        ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),  # v1
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),  # v1, none
+    ],
+)
+def test_available_cpus_follow_a_containers_cpu_limit(tmp_path, files, expected):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    affinity = len(os.sched_getaffinity(0))
+    assert available_cpus(tmp_path) == (affinity if expected is None else min(affinity, expected))
