@@ -431,7 +431,12 @@ def serve(
     Every option also reads its SPARTAN_* environment variable; keys are read only from the
     environment (SPARTAN_ADMIN_API_KEY, SPARTAN_PREDICT_API_KEY), never from flags: flags show in `ps`.
     """
-    from app.engine.process import configure_torch_threads, torch_threads_beside
+    from app.engine.process import (
+        SERVING_MALLOC_ARENAS,
+        configure_torch_threads,
+        limit_malloc_arenas,
+        torch_threads_beside,
+    )
     from app.engine.serving import serving_encoder
     from app.errors import BackboneError
     from app.http_server import serve_http
@@ -448,6 +453,7 @@ def serve(
         _fail(err)
         return
     logging.getLogger().setLevel(settings.log_level.upper())
+    limit_malloc_arenas(SERVING_MALLOC_ARENAS)  # first: before the engine's and the service's threads
     try:
         encoder = serving_encoder(settings)
     except BackboneError as err:
