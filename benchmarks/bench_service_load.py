@@ -64,9 +64,8 @@ class Config:
     inprocess_rounds: int = 5
     inprocess_target_s: float = 0.5  # seconds per contender per round
     ab_rounds: int = 3
-    server_threads: tuple[
-        int, ...
-    ] = ()  # A/B and --infinity: each server at each of these (default: threads)
+    server_threads: tuple[int, ...] = ()  # A/B, --infinity: each server at each (default: threads)
+    peers: tuple[str, ...] = ()  # --infinity: these engines of INFINITY_VARIANTS only (default: all)
 
     @classmethod
     def smoke(cls, threads: int) -> Config:
@@ -387,6 +386,8 @@ def against_infinity(store: Path, texts: Path, config: Config) -> dict[str, Any]
                 harness.serve_store(store, batch_size=config.batch_size, threads=threads)
             )
             for name, variant in INFINITY_VARIANTS.items():
+                if config.peers and name not in config.peers:
+                    continue
                 servers[with_threads(name, threads, config.server_threads)] = stack.enter_context(
                     peer_infinity.start_infinity(
                         model_dir, threads=threads, batch_size=config.batch_size, **variant
@@ -398,8 +399,9 @@ def against_infinity(store: Path, texts: Path, config: Config) -> dict[str, Any]
             return run_loadgen(servers[name], "zipf", texts, config, config.duration_s, target)
 
         result = window_rounds(servers, config.ab_rounds, window)
+    peers = [n for n in INFINITY_VARIANTS if not config.peers or n in config.peers]
     best = max(
-        (best_of(result, n) for n in INFINITY_VARIANTS),
+        (best_of(result, n) for n in peers),
         key=lambda n: result["figures"][n]["throughput_rps"]["median"],
     )
     spartan = best_of(result, "spartan")
@@ -568,8 +570,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"- Upload-to-first-prediction (PUT a new 1.7 MB memory, then one prediction with it, idle server): "
         f"median {upload['median_ms']:.0f} ms, max {upload['max_ms']:.0f} ms over {upload['trials']} trials.",
         f"- {rss['registered']} registered tasks, {rss['resident']} resident ({mib['resident_bytes']} MiB of "
-        f"parameters and caches): RSS {mib['rss_bytes']} MiB; backbone-only RSS (one warm task, its bytes "
-        f"subtracted) {mib['backbone_rss_bytes']} MiB; budget backbone + 1.2 x resident = "
+        f"parameters and caches): RSS {mib['rss_bytes']} MiB; backbone-only RSS (the engine warmed by full "
+        f"batches on every stream, one task's bytes subtracted) {mib['backbone_rss_bytes']} MiB; budget "
+        "backbone + 1.2 x resident = "
         f"{mib['budget_bytes']} MiB. Loading all of them on first use took {rss['touch_all_seconds']:.1f} s.",
         "",
         "## Reading the numbers",
@@ -617,7 +620,7 @@ def run(args: Any) -> dict[str, Any]:
     threads = args.threads or max(1, (os.cpu_count() or 2) - 1)
     config = replace(
         Config.smoke(threads) if args.smoke else Config(threads=threads), ab_rounds=args.ab_rounds,
-        server_threads=tuple(args.server_threads or [threads]),
+        server_threads=tuple(args.server_threads or [threads]), peers=tuple(args.peers or ()),
     )  # fmt: skip
     torch.set_num_threads(config.threads)
     served = Settings()  # the in-process contenders run what the service serves (precision, runtime)
@@ -679,6 +682,8 @@ def main() -> None:
     cli.add_argument("--infinity", action="store_true", help=peer)
     each = "A/B and --infinity: start every server once per thread count given (default: --threads)"
     cli.add_argument("--server-threads", type=int, nargs="+", default=None, help=each)
+    only = "--infinity: only these engines (names as in the report, e.g. 'infinity torch bf16')"
+    cli.add_argument("--peers", nargs="+", choices=sorted(INFINITY_VARIANTS), default=None, help=only)
     args = cli.parse_args()
     if args.loadgen:
         print(json.dumps(asyncio.run(measure_window(json.loads(args.loadgen)))))

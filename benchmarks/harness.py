@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import platform
+import shlex
 import shutil
 import signal
 import socket
@@ -184,7 +185,7 @@ def parser(
 
 def command_line(script: str, python: str = "python") -> str:
     """The command that reproduces this run, as written in reports."""
-    return " ".join([python, f"benchmarks/{script}", *sys.argv[1:]])
+    return shlex.join([python, f"benchmarks/{script}", *sys.argv[1:]])
 
 
 def write_report(out: Path, name: str, report: Mapping[str, Any], markdown: str) -> None:
