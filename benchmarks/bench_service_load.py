@@ -60,6 +60,7 @@ class Config:
     naive_duration_s: float = 15.0
     upload_trials: int = 7
     rss_tasks: int = 1000
+    rss_warm_rows: int = 32  # rows of each warm-up request before the backbone-only RSS is read
     inprocess_batches: int = 24
     inprocess_rounds: int = 5
     inprocess_target_s: float = 0.5  # seconds per contender per round
@@ -73,7 +74,8 @@ class Config:
         # both sent and answered inside the window, or the percentiles have nothing to measure.
         return cls(
             duration_s=2.0, warmup_s=0.5, concurrency=4, naive_duration_s=1.0, upload_trials=2,
-            rss_tasks=12, inprocess_batches=2, inprocess_rounds=2, inprocess_target_s=0.05, threads=threads,
+            rss_tasks=12, rss_warm_rows=2, inprocess_batches=2, inprocess_rounds=2, inprocess_target_s=0.05,
+            threads=threads,
         )  # fmt: skip
 
 
@@ -293,7 +295,7 @@ def rss_with_many_tasks(workdir: Path, encoder: Any, config: Config) -> dict[str
         store, batch_size=config.batch_size, threads=config.threads, env=capacity
     ) as server:
         client = httpx.Client(base_url=server.url, timeout=120)
-        asyncio.run(warm_every_stream(server.url, names[0], config.batch_size))
+        asyncio.run(warm_every_stream(server.url, names[0], config.rss_warm_rows))
         backbone_rss = harness.rss_bytes(server.pid) - client.get("/v1/tasks").json()["loaded_bytes"]
         started = time.perf_counter()
         asyncio.run(touch_all(server.url, names))

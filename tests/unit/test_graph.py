@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import copy
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -318,3 +319,24 @@ def test_available_cpus_follow_a_containers_cpu_limit(tmp_path, files, expected)
         (tmp_path / name).write_text(text)
     affinity = len(os.sched_getaffinity(0))
     assert available_cpus(tmp_path) == (affinity if expected is None else min(affinity, expected))
+
+
+def test_the_service_runs_one_batch_worker_per_stream(settings_for):
+    """The app wires the graph's streams into the batcher: one worker per pass it can run at once."""
+    from app.main import build_services, shutdown
+    from app.metrics import Metrics
+
+    encoder = graph_encoder(tiny_backbone("bert"), tiny_backbone("bert"), streams=2)
+    services = build_services(settings_for(), Metrics(), encoder)
+    try:
+        assert services.batcher.config.workers == 2
+        workers = [t for t in threading.enumerate() if t.name.startswith("spartan-batcher")]
+        assert len(workers) == 2
+        assert services.batcher.health() is None
+    finally:
+        shutdown(services, close_encoder=False)
+    eager = build_services(settings_for(), Metrics(), SpartanEncoder(tiny_backbone("bert")))
+    try:
+        assert eager.batcher.config.workers == 1  # the eager path runs one pass at a time
+    finally:
+        shutdown(eager, close_encoder=False)
