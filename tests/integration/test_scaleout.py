@@ -181,8 +181,14 @@ def test_concurrent_uploads_of_one_task_leave_one_consistent_winner(
 
 
 def test_every_replica_polls_the_store_without_errors(cluster: Cluster) -> None:
-    for replica in cluster.replicas:
+    def polls(replica: Replica) -> list[str]:
         text = httpx.get(f"{replica.url}/metrics", timeout=10).text
-        polls = [line for line in text.splitlines() if line.startswith("spartan_store_polls_total")]
-        assert any('outcome="ok"' in line and not line.endswith(" 0.0") for line in polls), polls
-        assert not any('outcome="error"' in line for line in polls), polls
+        return [line for line in text.splitlines() if line.startswith("spartan_store_polls_total")]
+
+    def polled_ok(replica: Replica) -> bool:
+        return any('outcome="ok"' in line and not line.endswith(" 0.0") for line in polls(replica))
+
+    for replica in cluster.replicas:
+        # Run first (a shuffled order), the cluster may be younger than one poll: wait for the first one.
+        wait_until(lambda r=replica: polled_ok(r), CONVERGE_WITHIN_S, f"{replica.name}'s first store poll")
+        assert not any('outcome="error"' in line for line in polls(replica)), polls(replica)

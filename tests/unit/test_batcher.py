@@ -509,7 +509,10 @@ def test_one_worker_runs_one_batch_at_a_time() -> None:
 
 def test_with_two_workers_a_stuck_one_is_reported_and_stop_joins_both() -> None:
     runner = FakeRunner(hold=True)
+    before = set(threading.enumerate())  # another module's live app may have workers of its own
     batcher, _ = make_batcher(runner, workers=2, stall_after_s=0.2)
+    workers = [t for t in set(threading.enumerate()) - before if t.name.startswith("spartan-batcher")]
+    assert len(workers) == 2
     try:
         held = batcher.enqueue("a", tiny_task(1), inputs("x"))
         assert runner.entered.wait(5)
@@ -523,7 +526,7 @@ def test_with_two_workers_a_stuck_one_is_reported_and_stop_joins_both() -> None:
         runner.release()
         batcher.stop()
     assert batcher.health() == "batch worker is not running"
-    assert not [t for t in threading.enumerate() if t.name.startswith("spartan-batcher")]
+    assert not any(worker.is_alive() for worker in workers)
 
 
 def test_the_pace_counts_every_worker() -> None:

@@ -327,14 +327,16 @@ def test_the_service_runs_one_batch_worker_per_stream(settings_for):
     from app.metrics import Metrics
 
     encoder = graph_encoder(tiny_backbone("bert"), tiny_backbone("bert"), streams=2)
+    before = set(threading.enumerate())  # another module's live app may have workers of its own
     services = build_services(settings_for(), Metrics(), encoder)
     try:
         assert services.batcher.config.workers == 2
-        workers = [t for t in threading.enumerate() if t.name.startswith("spartan-batcher")]
+        workers = [t for t in set(threading.enumerate()) - before if t.name.startswith("spartan-batcher")]
         assert len(workers) == 2
         assert services.batcher.health() is None
     finally:
         shutdown(services, close_encoder=False)
+    assert not any(worker.is_alive() for worker in workers)
     eager = build_services(settings_for(), Metrics(), SpartanEncoder(tiny_backbone("bert")))
     try:
         assert eager.batcher.config.workers == 1  # the eager path runs one pass at a time
