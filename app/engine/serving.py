@@ -40,7 +40,7 @@ def serving_encoder(settings: Settings) -> SpartanEncoder:
 def engine_streams(settings: Settings) -> int:
     """Passes the graph runs at once: the setting, else one per `torch_threads` threads of the CPUs this
     process may use (one single-thread stream per CPU when both are unset). Measured on 2 cores under
-    64 clients: two streams of one thread served ~1.1x the rows/s of one stream of two threads, for
+    64 clients: two streams of one thread served 1.18x the rows/s of one stream of two threads, for
     ~2 ms more at one client (docs/ENGINE.md)."""
     if settings.engine_streams is not None:
         return settings.engine_streams
