@@ -28,8 +28,8 @@ from app.engine.predictor import Predictor
 from app.engine.routing_tally import RoutingTally
 from app.engine.runner import EncoderRunner
 from app.engine.serving import serving_encoder
+from app.jobs.factory import open_job_records
 from app.jobs.manager import JobManager, JobsConfig
-from app.jobs.records import open_job_records
 from app.metrics import Metrics, package_version
 from app.registry.factory import open_store
 from app.registry.registry import Registry, RegistryConfig

@@ -29,7 +29,6 @@ from pydantic import BaseModel, Field
 from app.errors import JobNotFound
 from app.fsutil import fsync_folder, write_atomically
 from app.registry.store import write_refused
-from app.settings import Settings
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 ACTIVE: frozenset[str] = frozenset({"queued", "running"})
@@ -207,12 +206,3 @@ def _refused_as(task: str) -> Iterator[None]:
         if (refused := write_refused(task, err)) is not None:
             raise refused from err
         raise
-
-
-def open_job_records(settings: Settings) -> JobRecords:
-    """The records beside the memories of the store the settings name."""
-    if settings.store == "s3":
-        from app.jobs.s3records import S3JobRecords  # boto3 only where it is used
-
-        return S3JobRecords.from_settings(settings)
-    return LocalJobRecords(settings.memory_dir / JOBS_FOLDER)

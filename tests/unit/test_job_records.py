@@ -13,7 +13,8 @@ import pytest
 from mounts import mounted, remount_read_only  # tests/ is on sys.path (rootdir conftest)
 
 from app.errors import JobNotFound, StoreReadOnly
-from app.jobs.records import JobRecord, JobRecords, LocalJobRecords, new_job_id, open_job_records
+from app.jobs.factory import open_job_records
+from app.jobs.records import JobRecord, JobRecords, LocalJobRecords, new_job_id
 from app.jobs.s3records import S3JobRecords
 from app.registry.s3store import S3Store
 from app.registry.store import LocalFolderStore, MemoryStore
