@@ -8,8 +8,6 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy import stats
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 ArrayLike = Sequence[int] | Sequence[float] | NDArray[np.generic]
 
@@ -41,6 +39,10 @@ def compute_metrics(task_type: str, y_true: ArrayLike, y_pred: ArrayLike) -> dic
 
 
 def _classification(truth: NDArray[np.generic], predicted: NDArray[np.generic]) -> dict[str, float]:
+    # scipy and sklearn are imported where they are used: they cost ~1.4 s, and the service imports this
+    # module at every start (the jobs API) but scores only when it trains.
+    from sklearn.metrics import accuracy_score, f1_score
+
     return {
         "accuracy": float(accuracy_score(truth, predicted)),
         # zero_division=0: a class never predicted scores 0 instead of raising a warning.
@@ -50,6 +52,8 @@ def _classification(truth: NDArray[np.generic], predicted: NDArray[np.generic]) 
 
 
 def _mcc(truth: NDArray[np.generic], predicted: NDArray[np.generic]) -> float:
+    from sklearn.metrics import matthews_corrcoef
+
     # One class in all of truth and predictions: MCC is undefined and sklearn warns; report 0 as it does.
     if np.union1d(truth, predicted).size < 2:
         return 0.0
@@ -57,6 +61,8 @@ def _mcc(truth: NDArray[np.generic], predicted: NDArray[np.generic]) -> float:
 
 
 def _regression(truth: NDArray[np.float64], predicted: NDArray[np.float64]) -> dict[str, float]:
+    from scipy import stats
+
     return {
         "pearson": _correlation(stats.pearsonr, truth, predicted),
         "spearman": _correlation(stats.spearmanr, truth, predicted),

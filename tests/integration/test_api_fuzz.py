@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.model, pytest.mark.slow]
 ADMIN_KEY = "fuzz-admin-key-0123456789"
 # Per operation and mode: schema-valid (positive) and schema-invalid (negative) requests. Operations
 # without parameters (listings, probes) have only a handful of distinct cases.
-EXAMPLES_PER_MODE = 150
+EXAMPLES_PER_MODE = 100
 CASES: Counter[str] = Counter()
 # Every check runs (no 5xx, status codes, content types, headers and bodies match the schema, schema-
 # invalid requests are refused, auth is enforced) but one: a schema-valid request may still be refused

@@ -30,7 +30,7 @@ from app.spartan.memory import MemorySpec, TaskMemory
 
 pytestmark = pytest.mark.slow
 
-KILLS_PER_STORE = 25
+KILLS_PER_STORE = 16
 IDENTITY = BackboneIdentity(fingerprint="crash-fp", num_layers=6, hidden_size=256, name="crash")
 
 

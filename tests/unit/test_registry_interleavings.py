@@ -117,7 +117,7 @@ class ConcurrentWrites(RuleBasedStateMachine):
 
 
 ConcurrentWrites.TestCase.settings = settings(
-    max_examples=150,
+    max_examples=100,
     stateful_step_count=8,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
