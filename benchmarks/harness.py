@@ -1,15 +1,6 @@
-"""The shared benchmark harness: environment, rotated rounds, spread, child processes, reports.
-
-Every benchmark is a thin script over this module, so that every figure in docs/ was measured the same
-way: contenders take turns inside each round (machine noise hits them alike) in an order that rotates
-from round to round, ratios are taken per round, and every figure comes with its spread over rounds and
-the machine it ran on. Runtimes that bring their own thread pools (torch, ONNX Runtime, OpenVINO) each
-run in a child process of their own: in one process their pools steal each other's cores.
-
-Also here, once for every script: the command line (`parser`), the report files (`finish`, `header`,
-`table`), the inputs and models the scripts share (`fixed_length_batch`, `encoder`, `shipped_memories`,
-`fresh_memory`), peak working memory (`peak_mib`), the server process (`ServeProcess`, `serve_store`),
-and load over HTTP (`closed_loop`, `metric_values`).
+"""The shared benchmark harness: every benchmark is a thin script over this module, so that every figure
+in docs/ was measured the same way (method: docs/BENCHMARKS.md, section 4). Runtimes with thread pools of
+their own (torch, ONNX Runtime, OpenVINO) each run in a child process: in one process they steal cores.
 """
 
 from __future__ import annotations
@@ -20,6 +11,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import signal
@@ -38,35 +30,27 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 RESULTS = DOCS / "results"
 MEMORIES = ROOT / "memories"
-MINILM = "all-MiniLM-L6-v2"
 _K = TypeVar("_K", bound=Hashable)
 _R = TypeVar("_R")
 _P = TypeVar("_P", bound="Process")
-
-
-def package_version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def cpu_model() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
+_S = TypeVar("_S", bound="ServeProcess")
 
 
 def environment(**extra: Any) -> dict[str, Any]:
     """Date, machine and software of a run; `extra` adds the benchmark's own settings."""
-    packages = ("torch", "transformers", "onnxruntime", "openvino", "adapters", "peft")
+    versions = {}
+    for name in ("torch", "transformers", "onnxruntime", "openvino", "adapters", "peft"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[name] = metadata.version(name)
+    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
     return {
         "date": date.today().isoformat(),
         "platform": platform.platform(),
-        "cpu": cpu_model() or platform.processor(),
+        "cpu": cpu or platform.processor(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
-        "packages": {name: v for name in packages if (v := package_version(name)) is not None},
+        "packages": versions,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "load_average_start": list(os.getloadavg()),
         **extra,
@@ -77,7 +61,6 @@ def environment(**extra: Any) -> dict[str, Any]:
 
 
 def spread(values: Sequence[float]) -> dict[str, float]:
-    """Median, min and max over rounds, and how many rounds."""
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": len(values)}
 
 
@@ -89,10 +72,9 @@ def seconds_per_call(call: Callable[[], object], calls: int) -> float:
 
 
 def calibrate(contenders: Mapping[str, Callable[[], object]], target_s: float) -> int:
-    """Warm every contender up (first calls at a shape allocate and pick kernels), then pick the number
-    of calls per timing so that one timing lasts about `target_s` (the same for every contender)."""
+    """Calls per timing so that one timing lasts about `target_s`, after a warm-up call of each."""
     for call in contenders.values():
-        call()
+        call()  # the first call at a shape allocates and picks kernels
     typical = statistics.median(seconds_per_call(call, 1) for call in contenders.values())
     return max(1, round(target_s / max(typical, 1e-9)))
 
@@ -103,8 +85,7 @@ def rotated_rounds(
     measure: Callable[[_K], _R],
     after_round: Callable[[int], None] | None = None,
 ) -> dict[_K, list[_R]]:
-    """`measure(name)` of every contender in every round: inside a round the contenders take turns, and
-    the order rotates so that none always runs first; `after_round(number)` follows each round."""
+    """`measure(name)` of each contender per round, in an order that rotates; then `after_round(number)`."""
     per_round: dict[_K, list[_R]] = {name: [] for name in names}
     for number in range(rounds):
         shift = number % len(names)
@@ -123,8 +104,7 @@ def alternate(
     target_s: float = 0.5,
     calls: int | None = None,
 ) -> dict[str, list[float]]:
-    """Throughput (items/s) of each contender per round, in rotated rounds of timings of `calls` calls
-    (by default calibrated to last about `target_s`)."""
+    """Items/s of each contender per rotated round; a timing is `calls` calls (default: about `target_s`)."""
     calls = calls or calibrate(contenders, target_s)
     return rotated_rounds(
         list(contenders), rounds, lambda n: items_per_call / seconds_per_call(contenders[n], calls)
@@ -141,7 +121,7 @@ def ratios(per_round: Mapping[str, Sequence[float]], base: str) -> dict[str, dic
 
 
 def percentile(values: Sequence[float], q: float) -> float:
-    """The `q`th percentile (nearest rank); NaN for no values."""
+    """Nearest rank; NaN for no values."""
     if not values:
         return float("nan")
     ordered = sorted(values)
@@ -169,8 +149,7 @@ def parser(
     rounds: int | None = None,
     threads: int | None = 2,
 ) -> Any:
-    """A benchmark's command line: its docstring as the help, --smoke, --out, and --name (the report's
-    file name), --rounds, --threads where the benchmark has them (None: it has not)."""
+    """--smoke and --out, and --name (the report's file name), --rounds, --threads unless None."""
     cli = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_argument("--smoke", action="store_true", help="tiny sizes, seconds (the tests run it)")
     cli.add_argument("--out", type=Path, default=out, help=f"folder for the report (default {out})")
@@ -189,7 +168,6 @@ def command_line(script: str, python: str = "python") -> str:
 
 
 def write_report(out: Path, name: str, report: Mapping[str, Any], markdown: str) -> None:
-    """`name`.json (every number) and `name`.md (the tables) in `out`."""
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     (out / f"{name}.md").write_text(markdown)
@@ -203,8 +181,7 @@ def finish(
     plot: Callable[[dict[str, Any], Path], None] | None = None,
     smoke: bool = False,
 ) -> None:
-    """The report as `name`.json, .md (`render`) and .png (`plot`), `_smoke` in the names of a smoke
-    run; first the load average at the end goes into its environment, the name into report["name"]."""
+    """`name`.json, .md (`render`) and .png (`plot`), `_smoke` in the names of a smoke run."""
     name = report["name"] = f"{name}_smoke" if smoke else name
     if "environment" in report:
         report["environment"]["load_average_end"] = list(os.getloadavg())
@@ -228,13 +205,7 @@ def header(report: Mapping[str, Any]) -> str:
     )
 
 
-def load_warning(cpus: int | None, load: float, text: str) -> list[str]:
-    """`text` as a bold markdown warning (and a blank line) when the load average exceeded the CPUs."""
-    return [f"**Warning: {text}**", ""] if load > (cpus or 1) else []
-
-
 def table(head: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:
-    """A markdown table."""
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
 
@@ -254,7 +225,7 @@ def fmt_spread(entry: Mapping[str, float] | None, digits: int = 1) -> str:
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
-    """The records of a JSON-lines results file (none if it does not exist yet)."""
+    """The records of a JSON-lines file (none if it does not exist yet)."""
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -267,7 +238,7 @@ def append_record(path: Path, record: Mapping[str, Any]) -> None:
 
 
 def pyplot() -> Any:
-    """matplotlib's pyplot on the Agg backend (files only, no display), in the reports' style."""
+    """matplotlib's pyplot on the Agg backend (files only), in the reports' style."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -312,21 +283,16 @@ def fixed_length_batch(tokenizer: Any, batch: int, length: int) -> dict[str, Any
     )
 
 
-def encoder(precision: str = "fp32", name: str = MINILM, runtime: str = "torch") -> Any:
-    """The service's encoder on a freshly loaded backbone; runtime "openvino" adds the compiled graph
-    (app/engine/graph.py), as `SPARTAN_RUNTIME=openvino` serves, with this process's torch threads in
-    one stream (a benchmark's passes run one after another)."""
+def encoder(precision: str = "fp32", name: str = "all-MiniLM-L6-v2", runtime: str = "torch") -> Any:
+    """The service's encoder on a fresh backbone as `SPARTAN_RUNTIME=runtime` serves it, in one stream."""
     import torch
 
     from app.engine.serving import serving_encoder
     from app.settings import Settings
 
+    threads = torch.get_num_threads()
     settings = Settings(
-        backbone=name,
-        precision=precision,
-        runtime=runtime,
-        torch_threads=torch.get_num_threads(),  # type: ignore[arg-type]
-        engine_streams=1,  # type: ignore[arg-type]
+        backbone=name, precision=precision, runtime=runtime, torch_threads=threads, engine_streams=1
     )
     return serving_encoder(settings)
 
@@ -341,9 +307,8 @@ def shipped_memories(encoder: Any) -> dict[str, Any]:
 def fresh_memory(
     encoder: Any, spec: Any = None, seed: int = 0, noise: float = 0.0, layernorms: bool = True
 ) -> Any:
-    """A new memory for `encoder`, in eval mode: `spec`'s shape, or `spartan train`'s default (E=16,
-    C=3, k=8, the task's own LayerNorms unless `layernorms` is off); the backbone's LayerNorms and
-    N(0, 0.02) keys and values, then N(0, `noise`) added to every parameter (outputs that differ)."""
+    """A new memory in eval mode: `spec`'s shape or `spartan train`'s default, the backbone's LayerNorms
+    (the task's own unless `layernorms` is off), then N(0, `noise`) added to every parameter."""
     import torch
 
     from app.spartan.memory import MemorySpec, TaskMemory
@@ -366,15 +331,10 @@ def fresh_memory(
 
 
 def int8_backbone(root: Any, scheme: str, names: Sequence[str] | None = None) -> dict[str, Any]:
-    """int8 dynamic quantisation (torch's, in place) of the backbone Linear layers `names` (found in
-    `root`, the backbone model, by default all its plain Linears), per-tensor weight scales as
-    `quantize_dynamic(model, {nn.Linear})` gives or per-channel (one per output row); every per-task
-    module a peer adds stays float32:
-    - a plain nn.Linear: quantised;
-    - PEFT's LoRA wrapper (has `base_layer`): the base_layer is quantised, lora_A/lora_B stay float32;
-    - `adapters`' LoRALinear with no LoRA in it: replaced by a plain Linear with the same weights, then
-      quantised (its per-call adapter dispatch goes away with it);
-    - anything else: skipped and listed."""
+    """torch's int8 dynamic quantisation, in place, with "per-tensor" or "per-channel" weight scales, of
+    the backbone Linears `names` in `root` (default: all its plain Linears). A peer's own modules stay
+    float32: PEFT's LoRA wrapper gets its base_layer quantised; an `adapters` LoRALinear with no LoRA in
+    it becomes a plain Linear first; anything else is skipped and listed."""
     import warnings
 
     import torch
@@ -390,21 +350,19 @@ def int8_backbone(root: Any, scheme: str, names: Sequence[str] | None = None) ->
         # `adapters` wraps every Linear in a LoRALinear; with bottleneck adapters only, it holds no LoRA
         empty_lora = type(module).__module__.startswith("adapters.") and not getattr(module, "loras", True)
         if type(module) is nn.Linear:
-            targets.append(name)
-            kind = "plain Linear"
+            target, kind = name, "plain Linear"
         elif type(getattr(module, "base_layer", None)) is nn.Linear:
-            targets.append(f"{name}.base_layer")
-            kind = "PEFT base_layer (LoRA A/B stay float32)"
+            target, kind = f"{name}.base_layer", "PEFT base_layer (LoRA A/B stay float32)"
         elif isinstance(module, nn.Linear) and empty_lora and not getattr(module, "fan_in_fan_out", False):
             plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
             plain.weight, plain.bias = module.weight, module.bias
             parent, _, attr = name.rpartition(".")
             setattr(root.get_submodule(parent) if parent else root, attr, plain)
-            targets.append(name)
-            kind = "adapters LoRALinear without LoRA -> plain Linear"
+            target, kind = name, "adapters LoRALinear without LoRA -> plain Linear"
         else:
             skipped[name] = type(module).__name__
             continue
+        targets.append(target)
         how[kind] = how.get(kind, 0) + 1
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
@@ -431,11 +389,9 @@ def wait_until(check: Callable[[], bool], timeout_s: float, what: str, every_s: 
 
     started = time.monotonic()
     while time.monotonic() - started < timeout_s:
-        try:
+        with contextlib.suppress(httpx.TransportError, OSError):
             if check():
                 return time.monotonic() - started
-        except (httpx.TransportError, OSError):
-            pass
         time.sleep(every_s)
     raise AssertionError(f"{what}: not within {timeout_s} s")
 
@@ -454,7 +410,7 @@ class Process:
         self, command: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path = ROOT
     ) -> None:
         self.command, self.log, self.env, self.cwd = command, log, env, cwd
-        self.process: subprocess.Popen[bytes] | None = None
+        self.process: Any = None  # a subprocess.Popen once started
 
     def start(self) -> None:
         self.log.parent.mkdir(parents=True, exist_ok=True)
@@ -465,8 +421,7 @@ class Process:
 
     @property
     def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
+        return int(self.process.pid)
 
     @property
     def alive(self) -> bool:
@@ -479,23 +434,19 @@ class Process:
 
     def send(self, sig: int) -> None:
         if self.alive:
-            assert self.process is not None
             self.process.send_signal(sig)
 
     def wait(self, timeout_s: float) -> int:
-        assert self.process is not None
-        return self.process.wait(timeout_s)
+        return int(self.process.wait(timeout_s))
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30) -> None:
-        if not self.alive:
-            return
-        assert self.process is not None
-        self.process.send_signal(sig)
-        try:
-            self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        if self.alive:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
 
     def kill9(self) -> None:
         self.stop(signal.SIGKILL)
@@ -507,12 +458,9 @@ class Process:
         self.stop()
 
 
-_Serve = TypeVar("_Serve", bound="ServeProcess")
-
-
 class ServeProcess(Process):
-    """`python -m app.cli serve` of the checkout at `root` (this one by default, or another build for an
-    A/B run) on its own loopback port; `args` are further command-line flags, `env` SPARTAN_* settings."""
+    """`python -m app.cli serve` of the checkout at `root` (this one, or another build for an A/B run) on
+    its own loopback port; `args` are further flags, `env` SPARTAN_* settings."""
 
     def __init__(
         self, log: Path, args: Sequence[str] = (), env: Mapping[str, str] | None = None, root: Path = ROOT
@@ -524,7 +472,7 @@ class ServeProcess(Process):
         command = [sys.executable, "-m", "app.cli", "serve", *args]
         super().__init__(command, log, {**os.environ, **settings, **(env or {})}, cwd=root)
 
-    def start_ready(self: _Serve, timeout_s: float = 180) -> _Serve:
+    def start_ready(self: _S, timeout_s: float = 180) -> _S:
         self.start()
         self.wait_ready(timeout_s)
         return self
@@ -548,9 +496,8 @@ def serve_store(
     root: Path = ROOT,
     wait: bool = True,
 ) -> ServeProcess:
-    """A ready server (started only, without `wait`) of the checkout at `root` over the memories in
-    `store` (max wait 5 ms, open writes, its log beside `store`): every benchmark's server, so an A/B
-    run starts both builds alike."""
+    """Every benchmark's server (so an A/B run starts both builds alike): the checkout at `root` over
+    the memories in `store`, max wait 5 ms, open writes, its log beside `store`; ready unless not `wait`."""
     flags = [
         "--memory-dir", str(store), "--max-batch-size", str(batch_size), "--max-wait-ms",
         "5" if batch_size > 1 else "0", "--threads", str(threads), "--allow-unauthenticated-writes",
@@ -562,6 +509,11 @@ def serve_store(
     if wait:
         server.wait_ready()
     return server
+
+
+def shipped_store(folder: Path) -> Path:
+    """A copy of memories/ in `folder`: a benchmark's writes never touch the shipped files."""
+    return Path(shutil.copytree(MEMORIES, folder / "memories"))
 
 
 # ---------------------------------------------------------------------------------------- training jobs
@@ -579,9 +531,8 @@ def start_training_job(
     url: str, rows: Sequence[Mapping[str, Any]], *, admin_key: str | None = None,
     task: str = "bench-training", running_within_s: float = 180, **options: Any,
 ) -> str:  # fmt: skip
-    """Submit a training job to the service at `url` and return its id once it trains (its worker
-    process stepping): what a serving-under-training measurement starts before its window. Options
-    are the job's (epochs=1000 keeps it training through any window; cancel it afterwards)."""
+    """Submit a training job (`options`: epochs=1000 keeps it training through any window; cancel it
+    afterwards) and return its id once its worker steps."""
     from app.client import Client
 
     with Client(url, admin_key=admin_key) as client:
@@ -608,18 +559,11 @@ def stop_training_job(url: str, job_id: str, *, admin_key: str | None = None) ->
 
 
 def served_runtime(url: str) -> str:
-    """What runs a spartan server's passes, from its `spartan_build_info` (older builds: no label)."""
-    import re
-
+    """What runs a server's passes, from its `spartan_build_info` (older builds: no label)."""
     import httpx
 
     found = re.search(r'spartan_build_info\{[^}]*runtime="([^"]+)"', httpx.get(f"{url}/metrics").text)
     return found.group(1) if found else "unlabelled (torch, before the graph)"
-
-
-def shipped_store(folder: Path) -> Path:
-    """A copy of memories/ in `folder`: a benchmark's writes never touch the shipped files."""
-    return Path(shutil.copytree(MEMORIES, folder / "memories"))
 
 
 # ---------------------------------------------------------------------------------------- /proc, peak memory
@@ -675,8 +619,7 @@ def reset_peak() -> bool:
 
 
 def peak_mib(call: Callable[[], object]) -> float | None:
-    """Working memory of one `call()`: VmHWM during it minus VmRSS before it; None where the
-    high-water mark cannot be reset."""
+    """Working memory of one `call()` (VmHWM during it minus VmRSS before); None if VmHWM won't reset."""
     if not reset_peak():
         return None
     before = status_mib("VmRSS")
@@ -703,11 +646,9 @@ def metric_values(url: str, names: Iterable[str]) -> dict[str, float]:
 async def closed_loop(
     url: str, clients: int, seconds: float, send: Callable[[Any, int, int], Awaitable[Any]]
 ) -> list[tuple[float, float, Any]]:
-    """`clients` clients, each sending its next request as soon as it has its answer, for `seconds`:
-    (sent, answered, outcome) of every request, in monotonic seconds. `send(client, k, n)` makes client
-    k's n-th request on its httpx.AsyncClient and returns the outcome (a status code, say). Each client
-    has a connection of its own: one shared pool costs httpx several ms of CPU per request, taken from
-    the server being measured on a small machine."""
+    """(sent, answered, outcome) in monotonic seconds of every request of `clients` clients, each sending
+    its next (`send(client, k, n)`: client k's n-th, on its httpx.AsyncClient) once answered, for `seconds`.
+    A connection per client: a shared pool costs httpx ms of CPU per request, taken from the server."""
     import httpx
 
     records: list[tuple[float, float, Any]] = []

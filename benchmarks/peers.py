@@ -1,29 +1,14 @@
-"""SPARTAN and its peers on one frozen backbone, built with the peers' own libraries.
-
-Every method is a `TaskModel`: backbone (+ the method's per-task modules) -> pooled state -> the same
-`TaskHead` (dense + tanh + linear, as SPARTAN's). Only the per-task parameters train. The peers come
-from AdapterHub `adapters` (bottleneck adapters) and PEFT (LoRA, IA3), never re-implemented here:
-
-  bare      the backbone alone, no head: the physical speed limit of any per-task module
-  head      frozen backbone + trained head (the lower reference)
-  spartan   this project's memory (app.engine.encoder + app.spartan.memory)
-  pfeiffer  `adapters` "seq_bn" (Pfeiffer: one bottleneck after the FFN), reduction factor 16
-  houlsby   `adapters` "double_seq_bn" (Houlsby: after attention and after the FFN), reduction 16
-  lora      PEFT LoRA r=8 (alpha 16, dropout 0.1) on the attention query and value, NOT merged
-            (a multi-task server cannot merge one task's weights into the shared backbone)
-  ia3       PEFT IA3 on keys, values and the FFN output
-  bitfit    bias-only tuning (every bias of the backbone trains; the weights stay frozen)
-  full      full fine-tuning: every backbone weight trains (the upper reference; a model copy per task)
-
-This runs in the peers' environment (`make peers-env`: transformers 4.57.6, adapters 1.3.0, PEFT), not
-in the service's. `adapters` does not support MPNet, so pfeiffer/houlsby on MPNet are reported missing.
+"""SPARTAN and its peers on one frozen backbone, the peers built with their own libraries (AdapterHub
+`adapters`, PEFT), never re-implemented. Every method is a `TaskModel`: backbone + its per-task modules ->
+pooled state -> the same `TaskHead` as SPARTAN's; only the per-task parameters train. The methods and
+their settings: docs/RESULTS.md, first table; "bare" is the backbone alone, without a head.
+Runs in the peers' environment (`make peers-env`); `adapters` does not support MPNet.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +28,10 @@ METHODS = ("bare", "head", "spartan", "pfeiffer", "houlsby", "lora", "ia3", "bit
 TRAINABLE_METHODS = tuple(m for m in METHODS if m != "bare")
 # Short names for the command line; the service's catalog knows the full names.
 BACKBONE_NAMES = {"minilm": "all-MiniLM-L6-v2", "mpnet": "all-mpnet-base-v2"}
-# Attention projections by model family, for PEFT's target_modules (LoRA on query and value).
-_QUERY_VALUE = {"bert": ["query", "value"], "mpnet": ["q", "v"]}
-_IA3_TARGETS = {
-    "bert": (["key", "value", "output.dense"], ["output.dense"]),
-    "mpnet": (["k", "v", "output.dense"], ["output.dense"]),
+# PEFT's target modules by model family: LoRA's query and value; IA3's targets and feedforward modules.
+_PEFT_TARGETS = {
+    "bert": (["query", "value"], ["key", "value", "output.dense"], ["output.dense"]),
+    "mpnet": (["q", "v"], ["k", "v", "output.dense"], ["output.dense"]),
 }
 _ADAPTER_CONFIGS = {"pfeiffer": "seq_bn", "houlsby": "double_seq_bn"}
 
@@ -58,7 +42,8 @@ class MethodUnavailable(Exception):
 
 @dataclass(frozen=True)
 class SpartanConfig:
-    """SPARTAN's own hyperparameters (E parents, C children, top-k, temperature T, LayerNorm copies)."""
+    """SPARTAN's own hyperparameters (E parents, C children, top-k, temperature T, LayerNorm copies), as
+    TrainConfig's fields of the same names."""
 
     num_parents: int = 16
     num_children: int = 3
@@ -85,10 +70,7 @@ class PooledHeadModel(TaskModel):
 
     def __init__(self, method: str, model: nn.Module, pooling: str, head: nn.Module | None):
         super().__init__()
-        self.method = method
-        self.model = model
-        self.pooling = pooling
-        self.head = head
+        self.method, self.model, self.pooling, self.head = method, model, pooling, head
 
     def pooled(self, encoding: dict[str, torch.Tensor]) -> torch.Tensor:
         hidden = self.model(**encoding).last_hidden_state
@@ -104,9 +86,7 @@ class SpartanModel(TaskModel):
 
     def __init__(self, encoder: SpartanEncoder, memory: TaskMemory):
         super().__init__()
-        self.method = "spartan"
-        self.encoder = encoder
-        self.memory = memory
+        self.method, self.encoder, self.memory = "spartan", encoder, memory
         self.backbone_model = encoder.backbone.model  # registered so .train()/.eval() reach it
 
     def forward(self, encoding: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -128,13 +108,6 @@ class Built:
         return dict(self.backbone.tokenize(texts, pairs, max_length))
 
 
-def family(backbone: Backbone) -> str:
-    model_type = str(backbone.model.config.model_type)
-    if model_type not in _QUERY_VALUE:
-        raise MethodUnavailable(f"no PEFT target modules known for model type {model_type!r}")
-    return model_type
-
-
 def build(
     method: str,
     backbone_name: str,
@@ -154,14 +127,12 @@ def build(
     if method == "spartan":
         return Built(_spartan(backbone, num_outputs, data, spartan or SpartanConfig()), backbone)
     head = None if method == "bare" else TaskHead(backbone.hidden_size, num_outputs, dropout=0.1)
-    model = _ADAPT[method](backbone) if method in _ADAPT else backbone.model
-    return Built(PooledHeadModel(method, model, backbone.pooling, head), backbone)
+    return Built(PooledHeadModel(method, adapt(method, backbone), backbone.pooling, head), backbone)
 
 
 def silence_backbone_dropout(model: nn.Module) -> None:
-    """The frozen backbone computes the same features in training as in serving (as SPARTAN's own
-    trainer does); only the methods' own modules (LoRA, head, memory) keep their dropout. Done before
-    a method adds its modules, so theirs are untouched."""
+    """The frozen backbone computes the same features in training as in serving (as SPARTAN's trainer
+    does); called before a method adds its modules, so theirs (LoRA, head, memory) keep their dropout."""
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
@@ -173,67 +144,39 @@ def _spartan(backbone: Backbone, num_outputs: int, data: TaskData | None, config
     if data is None:  # speed benchmarks: only the shape matters, not the labels' names
         labels = tuple(str(i) for i in range(num_outputs))
         data = TaskData("untitled", "classification", labels, [], [], [])
-    train = TrainConfig(
-        num_parents=config.num_parents,
-        num_children=config.num_children,
-        top_k=config.top_k,
-        temperature=config.temperature,
-        train_layernorm=config.train_layernorm,
-    )
-    return SpartanModel(encoder, new_memory(encoder, data, train))
+    return SpartanModel(encoder, new_memory(encoder, data, TrainConfig(**asdict(config))))
 
 
-def _bottleneck_adapter(kind: str) -> Callable[[Backbone], nn.Module]:
-    def adapt(backbone: Backbone) -> nn.Module:
+def adapt(method: str, backbone: Backbone) -> nn.Module:
+    """The backbone model with `method`'s per-task modules, those (or for bitfit and full, its biases or
+    all its weights) trainable; bare and head take it as it is."""
+    model: Any = backbone.model  # adapters.init() swaps in its own model class at runtime
+    model_type = str(model.config.model_type)
+    if method in _ADAPTER_CONFIGS:
         import adapters
 
-        model: Any = backbone.model  # adapters.init() swaps in its own model class at runtime
         try:
             adapters.init(model)
         except (ValueError, KeyError) as err:
-            raise MethodUnavailable(f"`adapters` does not support {model.config.model_type}: {err}") from err
-        model.add_adapter("task", config=adapters.AdapterConfig.load(_ADAPTER_CONFIGS[kind]))
+            raise MethodUnavailable(f"`adapters` does not support {model_type}: {err}") from err
+        model.add_adapter("task", config=adapters.AdapterConfig.load(_ADAPTER_CONFIGS[method]))
         model.train_adapter("task")  # freezes everything but the adapter
         model.set_active_adapters("task")
-        return model
+    elif method in ("lora", "ia3"):
+        import peft
 
-    return adapt
-
-
-def _lora(backbone: Backbone) -> nn.Module:
-    import peft
-
-    config = peft.LoraConfig(
-        r=8, lora_alpha=16, lora_dropout=0.1, target_modules=_QUERY_VALUE[family(backbone)]
-    )
-    return peft.get_peft_model(backbone.model, config)
-
-
-def _ia3(backbone: Backbone) -> nn.Module:
-    import peft
-
-    targets, feedforward = _IA3_TARGETS[family(backbone)]
-    return peft.get_peft_model(
-        backbone.model, peft.IA3Config(target_modules=targets, feedforward_modules=feedforward)
-    )
-
-
-def _bitfit(backbone: Backbone) -> nn.Module:
-    for name, parameter in backbone.model.named_parameters():
-        parameter.requires_grad_(name.endswith(".bias"))
-    return backbone.model
-
-
-def _full(backbone: Backbone) -> nn.Module:
-    backbone.model.requires_grad_(True)
-    return backbone.model
-
-
-_ADAPT: dict[str, Callable[[Backbone], nn.Module]] = {
-    "pfeiffer": _bottleneck_adapter("pfeiffer"),
-    "houlsby": _bottleneck_adapter("houlsby"),
-    "lora": _lora,
-    "ia3": _ia3,
-    "bitfit": _bitfit,
-    "full": _full,
-}
+        if model_type not in _PEFT_TARGETS:
+            raise MethodUnavailable(f"no PEFT target modules known for model type {model_type!r}")
+        query_value, ia3_targets, feedforward = _PEFT_TARGETS[model_type]
+        config = (  # LoRA NOT merged: a multi-task server cannot merge a task into the shared backbone
+            peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=query_value)
+            if method == "lora"
+            else peft.IA3Config(target_modules=ia3_targets, feedforward_modules=feedforward)
+        )
+        model = peft.get_peft_model(model, config)
+    elif method == "bitfit":
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(name.endswith(".bias"))
+    elif method == "full":
+        model.requires_grad_(True)
+    return model
