@@ -1,9 +1,7 @@
-"""Load benchmark of the service: 16 tasks, Zipf and uniform popularity, against two baselines.
-
-Throughput and latency of `spartan serve` under closed-loop single-input requests (the load generator is
-this script with --loadgen, in its own process), beside in-process contenders in rotated rounds, a naive
-max-batch-1 server, upload-to-first-prediction and the RSS of 1,000 resident tasks. What each figure
-means: docs/BENCHMARKS.md, "Service load".
+"""Load benchmark of the service: `spartan serve` under closed-loop single-input requests over 16 tasks
+(Zipf and uniform popularity; the load generator is this script with --loadgen), beside in-process
+contenders, a naive max-batch-1 server, upload-to-first-prediction and the RSS of 1,000 resident tasks.
+Method: docs/BENCHMARKS.md, "Service load".
 
     python benchmarks/bench_service_load.py               # full run, ~4 minutes on 2 cores
     python benchmarks/bench_service_load.py --smoke --out /tmp/bench   # seconds; run by the tests
@@ -47,6 +45,12 @@ INFINITY_VARIANTS: dict[str, dict[str, Any]] = {
     "infinity onnx": {"engine": "optimum"},
     "infinity onnx optimised": {"engine": "optimum", "optimize": True},
 }
+INPROCESS = {
+    "bare": "in-process bare backbone (a)",
+    "memories": "in-process, mixed memories",
+    "bucketed": "in-process, shipped Batcher (mixed memories)",
+    "single_row": "in-process, memories, one row at a time",
+}
 
 
 @dataclass(frozen=True)
@@ -88,17 +92,12 @@ def load_texts(cache_dir: Path) -> tuple[list[str], str]:
         return harness.SENTENCES * 16, "built-in sentences (movie dataset not fetched)"
 
 
-# ---------------------------------------------------------------------------------------- load generator
-
-
 async def measure_window(job: dict[str, Any]) -> dict[str, Any]:
     """A closed loop of single-input requests; throughput and latency over the window after the warm-up,
     and the mean rows and tasks per forward pass in it (from the server's batch histograms)."""
     url, warmup, duration = job["url"], job["warmup"], job["duration"]
     texts, rng = json.loads(Path(job["texts"]).read_text()), random.Random(7)
-    zipf = job["popularity"] == "zipf"
-    weights = [1 / rank if zipf else 1.0 for rank in range(1, NUM_TASKS + 1)]
-    before: dict[str, float] = {}
+    weights = [1 / rank if job["popularity"] == "zipf" else 1.0 for rank in range(1, NUM_TASKS + 1)]
     peer = job.get("target") == "infinity"  # one classifier behind infinity-emb's /classify
 
     async def send(client: httpx.AsyncClient, _k: int, _n: int) -> int:
@@ -110,28 +109,28 @@ async def measure_window(job: dict[str, Any]) -> dict[str, Any]:
     def batch_metrics() -> dict[str, float]:
         return dict.fromkeys(BATCH_METRICS, 0.0) if peer else harness.metric_values(url, BATCH_METRICS)
 
-    async def mark_window_start() -> None:
+    async def metrics_at_window_start() -> dict[str, float]:
         await asyncio.sleep(warmup)
-        before.update(await asyncio.to_thread(batch_metrics))
+        return await asyncio.to_thread(batch_metrics)
 
     start = time.monotonic()
     window = (start + warmup, start + warmup + duration)
     load = harness.closed_loop(url, job["concurrency"], warmup + duration, send)
-    records, _ = await asyncio.gather(load, mark_window_start())
-    after = {k: v - before[k] for k, v in batch_metrics().items()}
+    records, before = await asyncio.gather(load, metrics_at_window_start())
+    rows, passes, tasks = (value - before[name] for name, value in batch_metrics().items())
     # Throughput: answers completed in the window. Latency: requests sent and answered in the window
     # (a request sent during the warm-up would carry its cold-start wait into the percentiles).
     in_window = [r for r in records if window[0] <= r[1] <= window[1]]
     latencies = [done - sent for sent, done, status in in_window if status == 200 and sent >= window[0]]
-    statuses, passes = Counter(status for _, _, status in in_window), after["spartan_batch_size_count"]
+    statuses = Counter(status for _, _, status in in_window)
     return {
         "throughput_rps": statuses[200] / duration,
         "p50_ms": harness.percentile(latencies, 50) * 1000,
         "p99_ms": harness.percentile(latencies, 99) * 1000,
         "requests": sum(statuses.values()),
         "statuses": {str(k): v for k, v in statuses.items()},
-        "mean_rows_per_pass": after["spartan_batch_size_sum"] / passes if passes else 0.0,
-        "mean_tasks_per_pass": after["spartan_batch_tasks_sum"] / passes if passes else 0.0,
+        "mean_rows_per_pass": rows / passes if passes else 0.0,
+        "mean_tasks_per_pass": tasks / passes if passes else 0.0,
         "concurrency": job["concurrency"],
         "window_s": duration,
     }
@@ -144,8 +143,8 @@ def run_loadgen(
     the server and of the load generator over the run."""
     job = {"url": server.url, "popularity": popularity, "texts": str(texts), "warmup": config.warmup_s,
            "concurrency": config.concurrency, "duration": seconds, "target": target}  # fmt: skip
-    command = [sys.executable, __file__, "--loadgen", json.dumps(job)]
     server_cpu, loadgen_cpu = harness.cpu_seconds(server.pid), children_cpu_seconds()
+    command = [sys.executable, __file__, "--loadgen", json.dumps(job)]
     result: dict[str, Any] = harness.run_child(command, timeout_s=600)
     result["popularity"] = popularity
     result["server_runtime"] = target or harness.served_runtime(server.url)
@@ -170,19 +169,15 @@ def per_round_ratio(runs: dict[str, list[dict[str, Any]]], key: str, top: str, b
     return harness.spread([a[key] / b[key] for a, b in zip(runs[top], runs[bottom], strict=True)])
 
 
-def with_threads(name: str, threads: int, server_threads: list[int]) -> str:
+def with_threads(name: str, threads: int, server_threads: Iterable[int]) -> str:
     """A server's name, with its thread count where several are compared."""
-    return f"{name} t{threads}" if len(server_threads) > 1 else name
+    return f"{name} t{threads}" if len(tuple(server_threads)) > 1 else name
 
 
-def best_of(result: dict[str, Any], prefix: str) -> str:
-    """The configuration of a server (any thread count) with the highest median rows/s."""
-    names = [n for n in result["figures"] if n == prefix or n.startswith(f"{prefix} t")]
+def best_of(result: dict[str, Any], prefixes: Iterable[str]) -> str:
+    """The server (any of `prefixes`, at any thread count) with the highest median rows/s."""
+    names = [n for n in result["figures"] for p in prefixes if n == p or n.startswith(f"{p} t")]
     return max(names, key=lambda n: result["figures"][n]["throughput_rps"]["median"])
-
-
-def runtime(comparison: dict[str, Any], name: str) -> str:
-    return str(comparison["runs"][name][0].get("server_runtime", "?"))
 
 
 def figures_table(column: str, figures: dict[str, dict[str, Any]]) -> list[str]:
@@ -191,9 +186,6 @@ def figures_table(column: str, figures: dict[str, dict[str, Any]]) -> list[str]:
         (n, fmt(f["throughput_rps"]), fmt(f["p50_ms"], 0), fmt(f["p99_ms"], 0)) for n, f in figures.items()
     ]
     return harness.table((column, "rows/s", "p50 ms", "p99 ms"), rows)
-
-
-# ---------------------------------------------------------------------------------------- in-process
 
 
 def inprocess_throughput(
@@ -235,7 +227,7 @@ def inprocess_throughput(
         for memory, text in rows:
             runner.run(runner.prepare([Row(memory, text)]))
 
-    def cycling(run: Any) -> Any:
+    def cycling(run: Callable[[list[tuple[Any, str]]], None]) -> Callable[[], None]:
         batch = itertools.cycle(work)
         return lambda: run(next(batch))
 
@@ -254,18 +246,17 @@ def inprocess_throughput(
     return result
 
 
-# ---------------------------------------------------------------------------------------- upload, RSS
-
-
 def upload_to_first_prediction(server: harness.ServeProcess, encoder: Any, trials: int) -> dict[str, Any]:
     from app.spartan.memfile import memory_to_bytes
 
+    def idle() -> bool:
+        return not harness.metric_values(server.url, ["spartan_queue_depth"])["spartan_queue_depth"]
+
+    # Let the last requests of a load run drain: the upload is timed on an idle server.
+    harness.wait_until(idle, 60, "an idle queue")
+    time.sleep(1.0)
     seconds = []
     with httpx.Client(base_url=server.url, timeout=60) as client:
-        # Let the last requests of a load run drain: the upload is timed on an idle server.
-        harness.wait_until(lambda: not harness.metric_values(server.url, ["spartan_queue_depth"])[
-            "spartan_queue_depth"], 60, "an idle queue")  # fmt: skip
-        time.sleep(1.0)
         for trial in range(trials):
             data = memory_to_bytes(harness.fresh_memory(encoder, seed=1000 + trial, noise=0.05))
             started = time.perf_counter()
@@ -295,10 +286,13 @@ def rss_with_many_tasks(workdir: Path, encoder: Any, config: Config) -> dict[str
         store, batch_size=config.batch_size, threads=config.threads, env=capacity
     ) as server:
         client = httpx.Client(base_url=server.url, timeout=120)
-        asyncio.run(warm_every_stream(server.url, names[0], config.rss_warm_rows))
+        # Full batches of long texts on every stream first: the backbone-only RSS then holds the
+        # engine's whole working set, not just the memories'.
+        long_batch = {"inputs": [" ".join(["warm up the forward pass"] * 40)] * config.rss_warm_rows}
+        asyncio.run(predict_all(server.url, [names[0]] * 12, long_batch, clients=4))
         backbone_rss = harness.rss_bytes(server.pid) - client.get("/v1/tasks").json()["loaded_bytes"]
         started = time.perf_counter()
-        asyncio.run(touch_all(server.url, names))
+        asyncio.run(predict_all(server.url, names, {"inputs": ["hello"]}, clients=8))
         touch_seconds, listing = time.perf_counter() - started, client.get("/v1/tasks").json()
         rss, resident = harness.rss_bytes(server.pid), listing["loaded_bytes"]
     return {
@@ -309,33 +303,16 @@ def rss_with_many_tasks(workdir: Path, encoder: Any, config: Config) -> dict[str
     }  # fmt: skip
 
 
-async def warm_every_stream(url: str, task: str, rows: int, streams: int = 4) -> None:
-    """Full batches of long texts, `streams` at once, three times: every stream of the engine holds its
-    largest buffers before the backbone-only RSS is read (the engine's working set, not the memories')."""
-    body = {"inputs": [" ".join(["warm up the forward pass"] * 40)] * rows}
-    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
-        for _ in range(3):
-            answers = await asyncio.gather(
-                *(client.post(f"/v1/tasks/{task}/predict", json=body) for _ in range(streams))
-            )
-            for answer in answers:
-                answer.raise_for_status()
-
-
-async def touch_all(url: str, names: list[str]) -> None:
-    """Eight clients predict once on every task of `names`."""
-    queue = list(names)
+async def predict_all(url: str, tasks: list[str], body: dict[str, Any], clients: int) -> None:
+    """`clients` clients at once post `body` to each task of `tasks` in turn, until none is left."""
+    queue = list(tasks)
 
     async def worker() -> None:
         async with httpx.AsyncClient(base_url=url, timeout=120) as client:
             while queue:
-                answer = await client.post(f"/v1/tasks/{queue.pop()}/predict", json={"inputs": ["hello"]})
-                answer.raise_for_status()
+                (await client.post(f"/v1/tasks/{queue.pop()}/predict", json=body)).raise_for_status()
 
-    await asyncio.gather(*(worker() for _ in range(8)))
-
-
-# ---------------------------------------------------------------------------------------- other servers
+    await asyncio.gather(*(worker() for _ in range(clients)))
 
 
 def against_baseline(store: Path, texts: Path, config: Config, baseline_root: Path) -> dict[str, Any]:
@@ -352,28 +329,21 @@ def against_baseline(store: Path, texts: Path, config: Config, baseline_root: Pa
         }  # fmt: skip
         for server in servers.values():  # started together, all ready before the first window
             server.wait_ready()
-        result = window_rounds(
-            servers,
-            config.ab_rounds,
-            lambda n: run_loadgen(servers[n], "zipf", texts, config, config.duration_s),
-        )
+        result = window_rounds(servers, config.ab_rounds, lambda n: zipf_window(servers[n], texts, config))
     commits = {f"{name}_commit": git_commit(root) for name, root in roots.items()}
-    best = {name: best_of(result, name) for name in roots}  # each build at its best thread count
+    best = {name: best_of(result, [name]) for name in roots}  # each build at its best thread count
     ratio = per_round_ratio(result["runs"], "throughput_rps", best["current"], best["baseline"])
-    return {
-        "baseline_root": str(roots["baseline"]),
-        **commits,
-        **result,
-        "best": best,
-        "throughput_ratio": ratio,
-    }
+    head = {"baseline_root": str(roots["baseline"]), **commits}
+    return {**head, **result, "best": best, "throughput_ratio": ratio}
+
+
+def zipf_window(server: harness.Process, texts: Path, config: Config, target: str = "") -> Any:
+    return run_loadgen(server, "zipf", texts, config, config.duration_s, target)
 
 
 def git_commit(root: Path) -> str | None:
-    done = subprocess.run(
-        ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    )
-    return done.stdout.strip() or None
+    command = ["git", "-C", str(root), "rev-parse", "--short", "HEAD"]
+    return subprocess.run(command, capture_output=True, text=True).stdout.strip() or None
 
 
 def against_infinity(store: Path, texts: Path, config: Config) -> dict[str, Any]:
@@ -381,32 +351,26 @@ def against_infinity(store: Path, texts: Path, config: Config) -> dict[str, Any]
     classifier of the same backbone, on each of its CPU engines; the same threads and batch size, all
     servers alive side by side, one window each per round, in rotated order."""
     model_dir = peer_infinity.prepare_classifier()
+    peers = [n for n in INFINITY_VARIANTS if not config.peers or n in config.peers]
     with contextlib.ExitStack() as stack:
         servers: dict[str, Any] = {}
         for threads in config.server_threads:
-            servers[with_threads("spartan", threads, config.server_threads)] = stack.enter_context(
+            name = with_threads("spartan", threads, config.server_threads)
+            servers[name] = stack.enter_context(
                 harness.serve_store(store, batch_size=config.batch_size, threads=threads)
             )
-            for name, variant in INFINITY_VARIANTS.items():
-                if config.peers and name not in config.peers:
-                    continue
-                servers[with_threads(name, threads, config.server_threads)] = stack.enter_context(
+            for peer in peers:
+                servers[with_threads(peer, threads, config.server_threads)] = stack.enter_context(
                     peer_infinity.start_infinity(
-                        model_dir, threads=threads, batch_size=config.batch_size, **variant
+                        model_dir, threads=threads, batch_size=config.batch_size, **INFINITY_VARIANTS[peer]
                     )
                 )
 
-        def window(name: str) -> dict[str, Any]:
-            target = "" if name.startswith("spartan") else "infinity"
-            return run_loadgen(servers[name], "zipf", texts, config, config.duration_s, target)
+        def window(name: str) -> Any:
+            return zipf_window(servers[name], texts, config, "" if name.startswith("spartan") else "infinity")
 
         result = window_rounds(servers, config.ab_rounds, window)
-    peers = [n for n in INFINITY_VARIANTS if not config.peers or n in config.peers]
-    best = max(
-        (best_of(result, n) for n in peers),
-        key=lambda n: result["figures"][n]["throughput_rps"]["median"],
-    )
-    spartan = best_of(result, "spartan")
+    best, spartan = best_of(result, peers), best_of(result, ["spartan"])
     ratio = per_round_ratio(result["runs"], "throughput_rps", spartan, best)
     return {**result, "best_spartan": spartan, "best_peer": best, "spartan_over_best_peer": ratio}
 
@@ -417,15 +381,14 @@ def under_training(store: Path, texts: Path, config: Config, cache_dir: Path) ->
     rows, jobs = harness.training_rows(cache_dir), []
     with harness.serve_store(store, batch_size=config.batch_size, threads=config.threads) as server:
 
-        def window(condition: str) -> dict[str, Any]:
-            job = (
-                harness.start_training_job(server.url, rows, epochs=1000) if condition == "training" else None
-            )
+        def window(condition: str) -> Any:
+            if condition == "idle":
+                return zipf_window(server, texts, config)
+            job = harness.start_training_job(server.url, rows, epochs=1000)
             try:
-                return run_loadgen(server, "zipf", texts, config, config.duration_s)
+                return zipf_window(server, texts, config)
             finally:
-                if job is not None:
-                    jobs.append(harness.stop_training_job(server.url, job))
+                jobs.append(harness.stop_training_job(server.url, job))
 
         result = window_rounds(["idle", "training"], config.ab_rounds, window)
     speed = [job["progress"]["examples_per_s"] or 0.0 for job in jobs]
@@ -470,9 +433,6 @@ def under_training_markdown(results: dict[str, Any]) -> str:
     ])  # fmt: skip
 
 
-# ---------------------------------------------------------------------------------------- report
-
-
 def goals(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
     service, bare = results["service"]["zipf"]["throughput_rps"], results["inprocess"]["bare_rows_per_s"]
     naive, upload, rss = results["naive"]["throughput_rps"], results["upload"]["median_ms"], results["rss"]
@@ -490,11 +450,10 @@ def goals(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
 
 def bars(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Every configuration's figures: the in-process ones (rows/s only), then the servers."""
-    inprocess = results["inprocess"]
-    names = {"bare": "in-process bare backbone (a)", "memories": "in-process, mixed memories",
-             "bucketed": "in-process, shipped Batcher (mixed memories)",
-             "single_row": "in-process, memories, one row at a time"}  # fmt: skip
-    rows = {label: {"throughput_rps": inprocess[f"{key}_rows_per_s"]} for key, label in names.items()}
+    rows = {
+        label: {"throughput_rps": results["inprocess"][f"{key}_rows_per_s"]}
+        for key, label in INPROCESS.items()
+    }
     rows.update({f"service, {kind}": results["service"][kind.lower()] for kind in ("Zipf", "uniform")})
     return {**rows, "naive server (b)": results["naive"]}
 
@@ -507,44 +466,38 @@ def plot(results: dict[str, Any], path: Path) -> None:
     left.bar(labels, [f["throughput_rps"] for f in figures.values()], color=colors)
     left.set(ylabel="rows (requests) per second", title=f"Throughput, batch {cfg['batch_size']}, 16 tasks")
     left.tick_params(axis="x", labelsize=7)
-    served = list(figures.items())[4:]
+    served = list(figures.items())[len(INPROCESS) :]
     for shift, key in ((-0.2, "p50_ms"), (0.2, "p99_ms")):
-        xs = [i + shift for i in range(len(served))]
-        right.bar(xs, [f[key] for _, f in served], width=0.4, label=key[:3])
+        right.bar(
+            [i + shift for i in range(len(served))], [f[key] for _, f in served], width=0.4, label=key[:3]
+        )
     right.set_xticks(range(len(served)), [name for name, _ in served])
     right.set(ylabel="latency (ms)", title=f"Latency at {cfg['concurrency']} concurrent clients")
     right.legend()
     harness.save_figure(fig, path, dpi=120)
 
 
+def load_row(name: str, run: dict[str, Any], warmup_s: float) -> tuple[str, ...]:
+    """A configuration's row of the main table; in-process ones have rows/s only."""
+    if "p50_ms" not in run:
+        return (name, f"{run['throughput_rps']:.1f}", "-", "-", "-", "-")
+    answered = run["throughput_rps"] * (warmup_s + run["window_s"])  # CPU covers warm-up too
+    cpu = "— (no answers)"
+    if answered > 0:
+        cpu = f"{1000 * run['server_cpu_s'] / answered:.1f} / {1000 * run['loadgen_cpu_s'] / answered:.1f}"
+    passes = f"{run['mean_rows_per_pass']:.1f} rows, {run['mean_tasks_per_pass']:.1f} tasks"
+    return (name, f"{run['throughput_rps']:.1f}", f"{run['p50_ms']:.0f}", f"{run['p99_ms']:.0f}", passes, cpu)
+
+
 def markdown(results: dict[str, Any]) -> str:
     cfg, env, upload, rss = results["config"], results["environment"], results["upload"], results["rss"]
-    inprocess = results["inprocess"]
-
-    def row(name: str, run: dict[str, Any]) -> list[str]:
-        if "p50_ms" not in run:
-            return [name, f"{run['throughput_rps']:.1f}", "-", "-", "-", "-"]
-        answered = run["throughput_rps"] * (cfg["warmup_s"] + run["window_s"])  # CPU covers warm-up too
-        cpu = (f"{1000 * run['server_cpu_s'] / answered:.1f} / {1000 * run['loadgen_cpu_s'] / answered:.1f}"
-               if answered > 0 else "— (no answers)")  # fmt: skip
-        passes = f"{run['mean_rows_per_pass']:.1f} rows, {run['mean_tasks_per_pass']:.1f} tasks"
-        return [
-            name,
-            f"{run['throughput_rps']:.1f}",
-            f"{run['p50_ms']:.0f}",
-            f"{run['p99_ms']:.0f}",
-            passes,
-            cpu,
-        ]
-
-    head = ("configuration", "rows/s", "p50 ms", "p99 ms", "mean per forward pass",
-            "CPU ms/request: server / load gen.")  # fmt: skip
     mib = {
         k: f"{rss[k] / 2**20:.0f}"
         for k in ("resident_bytes", "rss_bytes", "backbone_rss_bytes", "budget_bytes")
     }
-    gain = inprocess["bucketed_rows_per_s"] / inprocess["single_row_rows_per_s"]
-    verdicts = [(g, v, "met" if ok else "NOT met") for g, v, ok in goals(results)]
+    gain = results["inprocess"]["bucketed_rows_per_s"] / results["inprocess"]["single_row_rows_per_s"]
+    head = ("configuration", "rows/s", "p50 ms", "p99 ms", "mean per forward pass",
+            "CPU ms/request: server / load gen.")  # fmt: skip
     lines = [
         "# Service load benchmark",
         "",
@@ -561,11 +514,13 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "![throughput and latency](service_load.png)",
         "",
-        *harness.table(head, [row(name, run) for name, run in bars(results).items()]),
+        *harness.table(head, [load_row(name, run, cfg["warmup_s"]) for name, run in bars(results).items()]),
         "",
         "## Goals",
         "",
-        *harness.table(("goal", "measured", ""), verdicts),
+        *harness.table(
+            ("goal", "measured", ""), [(g, v, "met" if ok else "NOT met") for g, v, ok in goals(results)]
+        ),
         "",
         "## Upload and memory",
         "",
@@ -587,30 +542,31 @@ def markdown(results: dict[str, Any]) -> str:
         "in-process here, so no server can be 5x a one-at-a-time server on this CPU (the goal assumes an "
         "accelerator). The service runs are minutes apart; only the A/B section alternates round by round.",
     ]
-    if "ab" in results:
-        ab = results["ab"]
-        builds = {
-            f"{name} ({ab[f'{name.split()[0]}_commit'] or '?'}, {runtime(ab, name)})": f
-            for name, f in ab["figures"].items()
-        }
-        lines += [
-            "",
-            "## Against the baseline build",
-            "",
-            f"The same Zipf load against this build and the build at `{ab['baseline_root']}`, both servers "
-            f"started with the same flags, alive side by side; {ab['rounds']} rounds of one window per "
-            "server, in rotated order. Median [min, max] over rounds.",
-            "",
-            *figures_table("build", builds),
-            "",
-            f"Throughput current / baseline (each at its best thread count: "
-            f"{' / '.join(ab['best'].values())}), per round: "
-            f"{harness.fmt_spread(ab['throughput_ratio'], 2)}.",
-        ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ab_section(results.get("ab"))) + "\n"
 
 
-# ---------------------------------------------------------------------------------------- main
+def ab_section(ab: dict[str, Any] | None) -> list[str]:
+    if ab is None:
+        return []
+
+    def label(name: str) -> str:  # the build's commit and what ran its passes
+        commit = ab[f"{name.split()[0]}_commit"] or "?"
+        return f"{name} ({commit}, {ab['runs'][name][0].get('server_runtime', '?')})"
+
+    builds = {label(name): figures for name, figures in ab["figures"].items()}
+    return [
+        "",
+        "## Against the baseline build",
+        "",
+        f"The same Zipf load against this build and the build at `{ab['baseline_root']}`, both servers "
+        f"started with the same flags, alive side by side; {ab['rounds']} rounds of one window per "
+        "server, in rotated order. Median [min, max] over rounds.",
+        "",
+        *figures_table("build", builds),
+        "",
+        f"Throughput current / baseline (each at its best thread count: {' / '.join(ab['best'].values())}), "
+        f"per round: {harness.fmt_spread(ab['throughput_ratio'], 2)}.",
+    ]
 
 
 def run(args: Any) -> dict[str, Any]:
@@ -627,7 +583,7 @@ def run(args: Any) -> dict[str, Any]:
     torch.set_num_threads(config.threads)
     served = Settings()  # the in-process contenders run what the service serves (precision, runtime)
     encoder = harness.encoder(served.precision, name=served.backbone, runtime=served.runtime)
-    texts, corpus = load_texts(Settings().cache_dir)
+    texts, corpus = load_texts(served.cache_dir)
     env = harness.environment(backbone=encoder.backbone.name, corpus=corpus, threads=config.threads)
     env["idle_before_start"] = harness.cpu_idle_fraction(0.5 if args.smoke else 2.0)
     results: dict[str, Any] = {"config": asdict(config), "environment": env}
@@ -642,50 +598,48 @@ def run(args: Any) -> dict[str, Any]:
         if args.infinity:
             print("against infinity-emb ...", flush=True)
             results["infinity"] = against_infinity(store, texts_file, config)
-            return results
-        if args.under_training:
+        elif args.under_training:
             print("serving idle and under a training job ...", flush=True)
-            results["under_training"] = under_training(store, texts_file, config, Settings().cache_dir)
-            return results
-        print("in-process baselines ...", flush=True)
-        results["inprocess"] = inprocess_throughput(encoder, memories, texts, config)
-        with harness.serve_store(store, batch_size=config.batch_size, threads=config.threads) as server:
-            results["service"] = {}
-            for popularity in ("zipf", "uniform"):
-                print(f"service, {popularity} ...", flush=True)
-                results["service"][popularity] = run_loadgen(
-                    server, popularity, texts_file, config, config.duration_s
-                )
-            print("upload to first prediction ...", flush=True)
-            results["upload"] = upload_to_first_prediction(server, encoder, config.upload_trials)
-        print("naive server (max batch 1) ...", flush=True)
-        with harness.serve_store(store, batch_size=1, threads=config.threads) as naive:
-            results["naive"] = run_loadgen(naive, "uniform", texts_file, config, config.naive_duration_s)
-        print(f"RSS with {config.rss_tasks} tasks ...", flush=True)
-        results["rss"] = rss_with_many_tasks(workdir, encoder, config)
-        if args.baseline_root is not None:
-            print(f"against the baseline build at {args.baseline_root} ...", flush=True)
-            results["ab"] = against_baseline(store, texts_file, config, args.baseline_root)
+            results["under_training"] = under_training(store, texts_file, config, served.cache_dir)
+        else:
+            print("in-process baselines ...", flush=True)
+            results["inprocess"] = inprocess_throughput(encoder, memories, texts, config)
+            with harness.serve_store(store, batch_size=config.batch_size, threads=config.threads) as server:
+                results["service"] = {}
+                for popularity in ("zipf", "uniform"):
+                    print(f"service, {popularity} ...", flush=True)
+                    results["service"][popularity] = run_loadgen(
+                        server, popularity, texts_file, config, config.duration_s
+                    )
+                print("upload to first prediction ...", flush=True)
+                results["upload"] = upload_to_first_prediction(server, encoder, config.upload_trials)
+            print("naive server (max batch 1) ...", flush=True)
+            with harness.serve_store(store, batch_size=1, threads=config.threads) as naive:
+                results["naive"] = run_loadgen(naive, "uniform", texts_file, config, config.naive_duration_s)
+            print(f"RSS with {config.rss_tasks} tasks ...", flush=True)
+            results["rss"] = rss_with_many_tasks(workdir, encoder, config)
+            if args.baseline_root is not None:
+                print(f"against the baseline build at {args.baseline_root} ...", flush=True)
+                results["ab"] = against_baseline(store, texts_file, config, args.baseline_root)
     return results
 
 
 def main() -> None:
     cli = harness.parser(__doc__, threads=None)
     cli.add_argument("--loadgen", help="(internal) a load generator process for this JSON job")
-    cli.add_argument("--threads", type=int, default=None, help="torch threads (default: CPUs - 1)")
+    cli.add_argument("--threads", type=int, help="torch threads (default: CPUs - 1)")
     ab = "A/B: also the Zipf load against the server of the checkout in DIR (a worktree of an older commit)"
-    cli.add_argument("--baseline-root", type=Path, default=None, help=ab)
-    cli.add_argument(
-        "--ab-rounds", type=int, default=3, help="rounds of the A/B, --under-training, --infinity"
-    )
+    cli.add_argument("--baseline-root", type=Path, help=ab)
+    rounds = "rounds of the A/B, --under-training, --infinity"
+    cli.add_argument("--ab-rounds", type=int, default=3, help=rounds)
     job = "only the Zipf load idle and under a training job (service_under_training.*)"
     cli.add_argument("--under-training", action="store_true", help=job)
     peer = "only the Zipf load against infinity-emb's engines (service_vs_infinity.*; make infinity-env)"
     cli.add_argument("--infinity", action="store_true", help=peer)
     each = "A/B and --infinity: start every server once per thread count given (default: --threads)"
-    cli.add_argument("--server-threads", type=int, nargs="+", default=None, help=each)
+    cli.add_argument("--server-threads", type=int, nargs="+", help=each)
     only = "--infinity: only these engines (names as in the report, e.g. 'infinity torch bf16')"
-    cli.add_argument("--peers", nargs="+", choices=sorted(INFINITY_VARIANTS), default=None, help=only)
+    cli.add_argument("--peers", nargs="+", choices=sorted(INFINITY_VARIANTS), help=only)
     args = cli.parse_args()
     if args.loadgen:
         print(json.dumps(asyncio.run(measure_window(json.loads(args.loadgen)))))

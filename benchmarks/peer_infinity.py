@@ -48,11 +48,10 @@ def prepare_classifier(out_dir: Path = CACHE / "peers" / "infinity-minilm-classi
 
 
 def build(out_dir: Path) -> None:
-    """(In .venv-infinity.) BertForSequenceClassification on the MiniLM asset's encoder; its pooler (dense +
-    tanh) and classifier take the sentiment memory's head (dense + tanh + out: same shapes, same ops),
-    seeded random without it. BERT's head reads the CLS token, SPARTAN's the mean, and there is no
-    memory: the answers are not the memory's, only the cost of a pass compares. Then optimum's ONNX
-    export, and the optimised graph infinity would write itself but cannot on optimum 2 (an old keyword)."""
+    """(In .venv-infinity.) BertForSequenceClassification on the MiniLM asset's encoder, its pooler and
+    classifier taking the sentiment memory's head (same shapes, same ops; seeded random without it).
+    The answers are not the memory's (CLS token, no memory): only the cost of a pass compares. Then
+    optimum's ONNX export and the optimised graph infinity cannot write itself on optimum 2."""
     import torch
     from optimum.exporters.onnx import main_export
     from optimum.onnxruntime import ORTModelForSequenceClassification, ORTOptimizer
@@ -85,45 +84,41 @@ def build(out_dir: Path) -> None:
 
 
 class Infinity(harness.Process):
-    """`infinity_emb v2` serving `model_dir` on a free loopback port; `.url`, `.stop()`."""
+    """An infinity server's process, listening at `.url`."""
 
-    def __init__(
-        self, model_dir: Path, engine: str, threads: int, batch: int, dtype: str, optimize: bool
-    ) -> None:
-        self.port = harness.free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        # `--model-id .` in the folder: given a path, infinity passes optimum the ONNX file's full path as
-        # file_name, and optimum-onnx matches it against bare names ("Could not find any ONNX files with
-        # target file name /.../model.onnx, only found: [PosixPath('model.onnx')]").
-        command = [
-            str(VENV / "bin" / "infinity_emb"), "v2", "--model-id", ".", "--served-model-name", SERVED,
-            "--engine", engine, "--device", "cpu", "--dtype", dtype, "--batch-size", str(batch),
-            "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning",
-            # As the service runs: eager torch (no compile), no result cache. No warm-up: infinity's has
-            # 514-token inputs, which its optimum classifier does not truncate (ONNX Runtime fails).
-            "--no-compile", "--no-bettertransformer", "--no-vector-disk-cache", "--no-model-warmup",
-            # optimize: load the graph build() wrote (infinity's default is the plain export).
-            "--no-onnx-disable-optimize" if optimize else "--onnx-disable-optimize",
-        ]  # fmt: skip
-        # The spartan server's thread count: torch's pool reads OMP_NUM_THREADS; ONNX Runtime's is pinned
-        # by infinity_site/sitecustomize.py (infinity gives ONNX Runtime no session options).
-        env = {**os.environ, **OFFLINE, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        if engine == "optimum":
-            hub = str(hub_cache(model_dir))
-            env |= {"PYTHONPATH": str(SITE), "ORT_INTRA_OP_THREADS": str(threads)}
-            env |= {"HF_HUB_CACHE": hub, "HUGGINGFACE_HUB_CACHE": hub}
-        log = CACHE / "peers" / "logs" / f"infinity-{engine}-{self.port}.log"
-        super().__init__(command, log, env, cwd=model_dir)
+    url = ""
 
 
 def start_infinity(
     model_dir: Path, engine: Literal["torch", "optimum"], threads: int, batch_size: int,
     dtype: Literal["float32", "bfloat16"] = "float32", optimize: bool = False, timeout_s: float = 300,
 ) -> Infinity:  # fmt: skip
-    """A ready infinity server (one that classifies); dtype is the torch engine's, optimize optimum's."""
+    """A ready `infinity_emb v2` (one that classifies) on a free loopback port, with `.url`; dtype is
+    the torch engine's, optimize optimum's (load the graph build() wrote, not the plain export)."""
     import httpx
 
-    server = Infinity(model_dir, engine, threads, batch_size, dtype, optimize)
+    port = harness.free_port()
+    # `--model-id .` in the folder: given a path, infinity passes optimum the ONNX file's full path, which
+    # optimum-onnx matches against bare names ("Could not find any ONNX files with target file name").
+    command = [
+        str(VENV / "bin" / "infinity_emb"), "v2", "--model-id", ".", "--served-model-name", SERVED,
+        "--engine", engine, "--device", "cpu", "--dtype", dtype, "--batch-size", str(batch_size),
+        "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+        # As the service runs: eager torch, no result cache. No warm-up: its 514-token inputs are not
+        # truncated by infinity's optimum classifier (ONNX Runtime fails).
+        "--no-compile", "--no-bettertransformer", "--no-vector-disk-cache", "--no-model-warmup",
+        "--no-onnx-disable-optimize" if optimize else "--onnx-disable-optimize",
+    ]  # fmt: skip
+    # The spartan server's thread count: torch's pool reads OMP_NUM_THREADS; ONNX Runtime's is pinned
+    # by infinity_site/sitecustomize.py (infinity gives ONNX Runtime no session options).
+    env = {**os.environ, **OFFLINE, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    if engine == "optimum":
+        hub = str(hub_cache(model_dir))
+        env |= {"PYTHONPATH": str(SITE), "ORT_INTRA_OP_THREADS": str(threads)}
+        env |= {"HF_HUB_CACHE": hub, "HUGGINGFACE_HUB_CACHE": hub}
+    log = CACHE / "peers" / "logs" / f"infinity-{engine}-{port}.log"
+    server = Infinity(command, log, env, cwd=model_dir)
+    server.url = f"http://127.0.0.1:{port}"
     server.start()
 
     def ready() -> bool:
@@ -146,13 +141,6 @@ def classify_body(texts: list[str]) -> dict[str, Any]:
 def classify(client: Any, texts: list[str]) -> list[list[dict[str, Any]]]:
     """With an httpx.Client whose base_url is the server's url."""
     response = client.post("/classify", json=classify_body(texts))
-    response.raise_for_status()
-    return list(response.json()["data"])
-
-
-async def classify_async(client: Any, texts: list[str]) -> list[list[dict[str, Any]]]:
-    """With an httpx.AsyncClient (the load generator's clients)."""
-    response = await client.post("/classify", json=classify_body(texts))
     response.raise_for_status()
     return list(response.json()["data"])
 
