@@ -1,9 +1,6 @@
-"""Few-shot training speed of SPARTAN against its peers: per epoch, and from the start to the kept epoch.
-
---mode epoch (docs/results/speed_training.*): one epoch's cost on the very same batches, contenders in
-rotated rounds in one process; peak memory from a fresh process per contender. --mode to-kept
-(docs/results/speed_training_kept.*): wall time from the start of training to the end of the kept epoch,
-one fresh process per run. The method of each: docs/BENCHMARKS.md, "Training speed".
+"""Few-shot training speed of SPARTAN against its peers: one epoch on the very same batches (--mode epoch,
+docs/results/speed_training.*), and wall time from the start to the kept epoch (--mode to-kept,
+docs/results/speed_training_kept.*). Method: docs/BENCHMARKS.md, "Training speed".
 
     .venv-peers/bin/python benchmarks/bench_training_speed.py                  # per-epoch
     .venv-peers/bin/python benchmarks/bench_training_speed.py --mode to-kept   # 9 tasks, seed 0, 3 rounds
@@ -15,16 +12,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import itertools
 import json
+import operator
 import os
 import statistics
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import torch
@@ -33,19 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import benchmarks.fit as fit_module
 from app.settings import Settings
 from app.training.datasets import TaskData
-from benchmarks import harness
-from benchmarks.bench_accuracy import (
-    BUDGETS,
-    CENTRE_LR,
-    FAST,
-    PILOT,
-    SUITE,
-    run_recipe,
-    spartan_encoder,
-    task_data,
-)
-from benchmarks.fit import FitConfig, encode, loss_of, targets
-from benchmarks.harness import reset_peak, status_mib
+from benchmarks import bench_accuracy, harness
+from benchmarks.bench_accuracy import BUDGETS, CENTRE_LR, FAST, PILOT, SUITE, task_data
+from benchmarks.fit import FitConfig, FitResult, encode, loss_of, targets
 from benchmarks.peers import BACKBONE_NAMES, Built, MethodUnavailable, build
 
 CONTENDERS = ("spartan", "pfeiffer", "houlsby", "lora", "head", "full")
@@ -56,6 +45,7 @@ GOAL = 0.75  # per epoch: SPARTAN <= 0.75 x adapters (the paper's "34% faster")
 KEPT_GOAL = 0.5  # issue 14: time to the kept epoch <= 0.5 x Pfeiffer's
 WARMUP_STEPS = 2
 PHASES = ("forward", "backward", "optimizer")
+ROW_KEY = operator.itemgetter("backbone", "dataset", "contender")
 COLORS = {"spartan": "#1f77b4", "pfeiffer": "#ff7f0e", "houlsby": "#d62728", "lora": "#2ca02c"}
 
 
@@ -88,7 +78,6 @@ class Batch:
 
 @dataclass
 class Contender:
-    name: str
     built: Built
     data: TaskData
     optimizer: torch.optim.Optimizer
@@ -98,12 +87,13 @@ class Contender:
 def make_contender(
     name: str, backbone: str, data: TaskData, workload: Workload, cache_dir: Path
 ) -> Contender:
+    """The built method with benchmarks/fit.py's optimiser and schedule over the few-shot budget."""
     built = build(name, backbone, cache_dir, num_outputs=len(data.labels) or 1, data=data, seed=workload.seed)
     built.model.train()
     optimizer = torch.optim.AdamW(built.model.trainable(), lr=CENTRE_LR[name], weight_decay=0.01)
     total = workload.steps_per_epoch * BUDGETS["few"].epochs
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1 - step / total))
-    return Contender(name, built, data, optimizer, schedule)
+    return Contender(built, data, optimizer, schedule)
 
 
 def make_batches(built: Built, data: TaskData, workload: Workload) -> list[Batch]:
@@ -154,14 +144,12 @@ def time_group(
         tokenize_s = time.perf_counter() - began
         for contender in contenders.values():
             train_epoch(contender, batches[:WARMUP_STEPS])
-
-        def progress(number: int) -> None:
-            print(
-                f"{backbone}/{dataset} round {number + 1}/{rounds}, load {os.getloadavg()[0]:.2f}", flush=True
-            )
-
+        label = f"{backbone}/{dataset}"
         per_round = harness.rotated_rounds(
-            list(contenders), rounds, lambda n: train_epoch(contenders[n], batches), progress
+            list(contenders),
+            rounds,
+            lambda n: train_epoch(contenders[n], batches),
+            lambda n: print(f"{label} round {n + 1}/{rounds}, load {os.getloadavg()[0]:.2f}", flush=True),
         )
     for name, contender in contenders.items():
         done, model = per_round[name], contender.built.model
@@ -205,32 +193,29 @@ def epoch_memory(job: dict[str, Any]) -> dict[str, Any]:
     loss_of(data, model(batches[0].encoding), batches[0].target).backward()
     model.zero_grad(set_to_none=True)
     gc.collect()
-    rss = status_mib("VmRSS")
-    resettable = reset_peak()
+    rss = harness.status_mib("VmRSS")
+    resettable = harness.reset_peak()
     train_epoch(contender, batches)
     state = [t for s in contender.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     longest = max(batches, key=lambda b: b.shape()["rows"] * b.shape()["padded_length"])
     return {
-        "rss_after_build_mib": rss, "peak_mib": max(0.0, status_mib("VmHWM") - rss) if resettable else None,
+        "rss_after_build_mib": rss,
+        "peak_mib": max(0.0, harness.status_mib("VmHWM") - rss) if resettable else None,
         "hwm_reset": resettable,
         "optimizer_state_mib": sum(t.numel() * t.element_size() for t in state) / 2**20,
         "gradient_mib": sum(g.numel() * g.element_size() for g in grads) / 2**20,
         "saved_activations_mib": saved_activation_bytes(contender, longest) / 2**20,
-    }  # fmt: skip
+    }
 
 
-def child(
-    worker: str, job: dict[str, Any], threads: int, env: dict[str, str] | None = None
-) -> dict[str, Any]:
-    """One measurement in a fresh process of this script (its last stdout line is the JSON result),
-    with `env` added to its environment."""
+def child(worker: str, job: dict[str, Any], threads: int, env: dict[str, str] | None = None) -> Any:
+    """One measurement in a fresh process of this script (its last stdout line is the JSON result)."""
     command = [sys.executable, __file__, "--threads", str(threads), f"--{worker}", json.dumps(job)]
     try:
-        result: dict[str, Any] = harness.run_child(command, timeout_s=3600, env=env)
+        return harness.run_child(command, timeout_s=3600, env=env)
     except (RuntimeError, ValueError) as err:
         return {"error": str(err).strip().splitlines()[-1]}
-    return result
 
 
 def epoch_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -241,25 +226,24 @@ def epoch_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         epochs = {r["contender"]: [x["epoch_s"] for x in r["rounds"]] for r in mine}
         pairs = [("spartan", ref) for ref in epochs if ref != "spartan"]
         pairs += [(name, "pfeiffer") for name in epochs if name not in ("spartan", "pfeiffer")]
-        for name, ref in pairs:
-            if name in epochs and ref in epochs:
-                per_round = [a / b for a, b in zip(epochs[name], epochs[ref], strict=True)]
-                keys = {"backbone": group[0], "dataset": group[1], "contender": name, "reference": ref}
-                result.append({**keys, "per_round": per_round, **harness.spread(per_round)})
+        for name, ref in [(n, r) for n, r in pairs if n in epochs and r in epochs]:
+            per_round = [a / b for a, b in zip(epochs[name], epochs[ref], strict=True)]
+            keys = {"backbone": group[0], "dataset": group[1], "contender": name, "reference": ref}
+            result.append({**keys, "per_round": per_round, **harness.spread(per_round)})
     return result
 
 
 def epoch_mode(args: argparse.Namespace, cache_dir: Path) -> dict[str, Any]:
     workload = SMOKE_WORKLOAD if args.smoke else FULL_WORKLOAD
     contenders = args.contenders or (SMOKE_CONTENDERS if args.smoke else CONTENDERS)
-    names = [n for n in contenders if not n.startswith(FAST)]
     rounds = 2 if args.smoke else args.rounds or 5
     datasets = args.datasets or list(DATASETS[:1] if args.smoke else DATASETS)
     rows = []
     for backbone in args.backbones:
-        mine = [n for n in names if n != "full" or backbone == "minilm"]  # full fine-tuning: MiniLM only
+        # full fine-tuning: MiniLM only
+        names = [n for n in contenders if not n.startswith(FAST) and (n != "full" or backbone == "minilm")]
         for dataset in datasets:
-            rows += time_group(backbone, dataset, mine, workload, rounds, cache_dir)
+            rows += time_group(backbone, dataset, names, workload, rounds, cache_dir)
             gc.collect()  # the group's models
     method = "not measured (--no-memory)"
     if not args.no_memory:
@@ -267,12 +251,8 @@ def epoch_mode(args: argparse.Namespace, cache_dir: Path) -> dict[str, Any]:
         # The smoke run starts one such process (the first contender's), not one per contender.
         for row in [r for r in rows if r["available"]][: 1 if args.smoke else None]:
             job = {key: row[key] for key in ("backbone", "dataset", "contender")}
-            row["memory"] = child(
-                "epoch-memory",
-                {**job, "workload": asdict(workload), "cache_dir": str(cache_dir)},
-                args.threads,
-                harness.MMAP_ENV,
-            )
+            more = {"workload": asdict(workload), "cache_dir": str(cache_dir)}
+            row["memory"] = child("epoch-memory", {**job, **more}, args.threads, harness.MMAP_ENV)
             print(f"memory {job}: {row['memory']}", flush=True)
     ratios = epoch_ratios(rows)
     goal = [{**r, "adapter": r["reference"], "ratio": r["median"], "goal": GOAL, "met": r["median"] <= GOAL}
@@ -281,40 +261,27 @@ def epoch_mode(args: argparse.Namespace, cache_dir: Path) -> dict[str, Any]:
     return dict(rounds=rounds, memory_method=method, workload=shape, runs=rows, ratios=ratios, goal=goal)
 
 
+def epoch_row(row: dict[str, Any], vs_pfeiffer: dict[str, float] | None) -> tuple[Any, ...]:
+    """One contender's cells of the epoch table."""
+    fmt = harness.fmt_spread
+    if not row["available"]:
+        return (*ROW_KEY(row), f"unavailable: {row['reason'][:60]}", *["—"] * 7)
+    memory = row.get("memory") or {}
+    mibs = [
+        "n/a" if memory.get(k) is None else f"{memory[k]:.0f}" for k in ("peak_mib", "saved_activations_mib")
+    ]
+    phases = " / ".join(f"{row['phase_ms'][p]:.0f}" for p in PHASES)
+    counts = f"{row['trainable_parameters']:,}", f"{row['task_bytes']:,}"
+    vs = fmt(vs_pfeiffer, 2) if vs_pfeiffer else "1" if row["contender"] == "pfeiffer" else "—"
+    return (*ROW_KEY(row), fmt(row["step_ms"], 0), phases, fmt(row["epoch_s"], 2), *mibs, *counts, vs)
+
+
 def render_epoch(report: dict[str, Any]) -> str:
     work, fmt = report["workload"], harness.fmt_spread
-    vs = {
-        (r["backbone"], r["dataset"], r["contender"]): r
-        for r in report["ratios"]
-        if r["reference"] == "pfeiffer"
-    }
+    vs = {ROW_KEY(r): r for r in report["ratios"] if r["reference"] == "pfeiffer"}
     head = ("backbone", "dataset", "contender", "step ms", "fwd / bwd / opt ms", "s/epoch", "peak MiB",
             "saved act. MiB", "params", "bytes/task", "vs pfeiffer")  # fmt: skip
-    rows = []
-    for row in report["runs"]:
-        if not row["available"]:
-            rows.append(
-                (
-                    row["backbone"],
-                    row["dataset"],
-                    row["contender"],
-                    f"unavailable: {row['reason'][:60]}",
-                    *["—"] * 7,
-                )
-            )
-            continue
-        memory, phase = row.get("memory") or {}, row["phase_ms"]
-        mib = [
-            "n/a" if memory.get(k) is None else f"{memory[k]:.0f}"
-            for k in ("peak_mib", "saved_activations_mib")
-        ]
-        ratio = vs.get((row["backbone"], row["dataset"], row["contender"]))
-        rows.append((
-            row["backbone"], row["dataset"], row["contender"], fmt(row["step_ms"], 0),
-            " / ".join(f"{phase[p]:.0f}" for p in PHASES), fmt(row["epoch_s"], 2), *mib,
-            f"{row['trainable_parameters']:,}", f"{row['task_bytes']:,}",
-            fmt(ratio, 2) if ratio else "1" if row["contender"] == "pfeiffer" else "—",
-        ))  # fmt: skip
+    rows = [epoch_row(r, vs.get(ROW_KEY(r))) for r in report["runs"]]
     goals = [f"- {g['backbone']}/{g['dataset']} vs {g['adapter']}: {fmt(g, 2)}: "
              f"{'met' if g['met'] else 'NOT met'}" for g in report["goal"]]  # fmt: skip
     return "\n".join([
@@ -345,14 +312,12 @@ def plot_epoch(report: dict[str, Any], path: Path) -> None:
         names = list(dict.fromkeys(r["contender"] for r in runs))
         width = 0.8 / max(1, len(names))
         for row in runs:
-            i, j = datasets.index(row["dataset"]), names.index(row["contender"])
+            i, j, name = datasets.index(row["dataset"]), names.index(row["contender"]), row["contender"]
             per_step = [1000 * r["epoch_s"] / len(r["step_ms"]) for r in row["rounds"]]
             mid = statistics.median(per_step)
-            x, name = i + (j - (len(names) - 1) / 2) * width, row["contender"]
             errors = [[mid - min(per_step)], [max(per_step) - mid]]
-            axis.bar(
-                x, mid, width, color=COLORS.get(name, "#777"), label=name if i == 0 else None, yerr=errors
-            )
+            x, color = i + (j - (len(names) - 1) / 2) * width, COLORS.get(name, "#777")
+            axis.bar(x, mid, width, color=color, label=name if i == 0 else None, yerr=errors)
         axis.set_xticks(range(len(datasets)), datasets)
         axis.set_ylabel("ms per training step (epoch mean)")
         axis.set_title(f"{backbone}: median over {report['rounds']} rounds, whiskers min..max")
@@ -363,23 +328,18 @@ def plot_epoch(report: dict[str, Any], path: Path) -> None:
 # --- from the start to the kept epoch ---------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def scoring_times() -> Iterator[list[float]]:
-    """When benchmarks.fit.fit finished each scoring (its dev scorings in order, then the test's):
-    fit's module-level `score` is wrapped for the call; fit itself is unchanged."""
-    stamps: list[float] = []
-    original = fit_module.score
+def fit_timed(built: Built, data: TaskData, config: FitConfig) -> tuple[FitResult, list[float]]:
+    """benchmarks.fit.fit, and when (seconds from its start) it finished each scoring: its dev scorings
+    in order, then the test's. fit's module-level `score` is wrapped for the call; fit is unchanged."""
+    score, stamps, began = fit_module.score, [], time.perf_counter()
 
     def timed(*args: Any, **kwargs: Any) -> dict[str, float]:
-        result = original(*args, **kwargs)
-        stamps.append(time.perf_counter())
+        result = score(*args, **kwargs)
+        stamps.append(time.perf_counter() - began)
         return result
 
-    fit_module.score = timed
-    try:
-        yield stamps
-    finally:
-        fit_module.score = original
+    with mock.patch.object(fit_module, "score", timed):
+        return fit_module.fit(built, data, config), stamps
 
 
 def kept_run(job: dict[str, Any]) -> dict[str, Any]:
@@ -388,7 +348,7 @@ def kept_run(job: dict[str, Any]) -> dict[str, Any]:
     budget = BUDGETS[setting]
     data = task_data(job["task"], setting, seed, cache_dir)  # read before the baseline (cached)
     if name.startswith(FAST):
-        spartan_encoder(job["backbone"], cache_dir)  # the build, before the baseline (cached)
+        bench_accuracy.spartan_encoder(job["backbone"], cache_dir)  # the build, before the baseline (cached)
     else:
         built = build(
             name, job["backbone"], cache_dir, num_outputs=len(data.labels) or 1, data=data, seed=seed
@@ -398,47 +358,46 @@ def kept_run(job: dict[str, Any]) -> dict[str, Any]:
         )
     # Reset first, then read: the high-water mark restarts at the RSS of the reset, so it can never be
     # below an RSS read after it (read before, a page freed in between made the peak negative).
-    resettable = reset_peak()
-    rss = status_mib("VmRSS")
+    resettable = harness.reset_peak()
+    rss = harness.status_mib("VmRSS")
     if name.startswith(FAST):  # spartan-fast[NAME]: bench_accuracy's pilot variant NAME of the recipe
         changes = PILOT[name[len(FAST) + 1 : -1]] if name != FAST else {}
-        record = run_recipe(job["backbone"], job["task"], setting, seed, cache_dir, changes)
+        record = bench_accuracy.run_recipe(job["backbone"], job["task"], setting, seed, cache_dir, changes)
         kept_s, total_s, kept = record["seconds_to_best"], record["train_seconds"], record["best_epoch"]
         evaluated, dev, test = sorted(int(e) for e in record["dev_by_epoch"]), record["dev"], record["test"]
     else:
-        with scoring_times() as stamps:
-            began = time.perf_counter()
-            result = fit_module.fit(built, data, config)
-        evaluated = [
-            e for e in range(1, budget.epochs + 1) if e % budget.eval_every == 0 or e == budget.epochs
-        ]
+        result, stamps = fit_timed(built, data, config)
+        every, epochs = budget.eval_every, budget.epochs
+        evaluated = [e for e in range(1, epochs + 1) if e % every == 0 or e == epochs]
         kept, dev, test = result.best_epoch, result.dev, result.test
-        kept_s, total_s = stamps[evaluated.index(kept)] - began, stamps[len(evaluated) - 1] - began
+        kept_s, total_s = stamps[evaluated.index(kept)], stamps[len(evaluated) - 1]
     return {
         "time_to_kept_s": kept_s, "total_s": total_s, "kept_epoch": kept, "dev_epochs": evaluated, "dev": dev,
-        "test": test, "peak_mib": status_mib("VmHWM") - rss if resettable else None,
+        "test": test, "peak_mib": harness.status_mib("VmHWM") - rss if resettable else None,
     }  # fmt: skip
 
 
-def time_to_kept(args: argparse.Namespace, cache_dir: Path) -> list[dict[str, Any]]:
+def kept_mode(args: argparse.Namespace, cache_dir: Path) -> dict[str, Any]:
     """Every (task, seed) x contender, once per round, each run in a fresh process, order rotated (the
     smoke run: in this process, one process start instead of one per run)."""
-    names, runs = args.contenders or [FAST, "pfeiffer"], []
+    if args.smoke:
+        args.tasks, args.contenders, args.rounds = ["trec"], [FAST, "pfeiffer"], 2
+    names, rounds, runs = args.contenders or [FAST, "pfeiffer"], args.rounds or 3, []
     setting = "smoke" if args.smoke else "few"
-    for number in range(args.rounds):
-        for task in args.tasks:
-            for seed in args.seeds:
-                for name in names[number % len(names) :] + names[: number % len(names)]:
-                    job = {"backbone": args.backbones[0], "task": task, "seed": seed, "contender": name,
-                           "setting": setting, "lr": CENTRE_LR.get(name),  # spartan-fast: its recipe's
-                           "cache_dir": str(cache_dir)}  # fmt: skip
-                    # glibc's own allocator settings, as a service runs: under MMAP_ENV every buffer of
-                    # 64 KiB or more is mapped and unmapped on its own, which made a run of many
-                    # small passes 1.6x slower (27 -> 43 s) and the times those of no real process.
-                    result = kept_run(job) if args.smoke else child("kept-worker", job, args.threads)
-                    runs.append({**job, "round": number, **result})
-                    print(f"round {number + 1}: {task}/{seed}/{name}: {runs[-1]}", flush=True)
-    return runs
+    for number in range(rounds):
+        order = names[number % len(names) :] + names[: number % len(names)]
+        for task, seed, name in itertools.product(args.tasks, args.seeds, order):
+            job = {"backbone": args.backbones[0], "task": task, "seed": seed, "contender": name,
+                   "setting": setting, "lr": CENTRE_LR.get(name),  # spartan-fast: its recipe's
+                   "cache_dir": str(cache_dir)}  # fmt: skip
+            # glibc's own allocator settings (no MMAP_ENV), as a service runs: docs/BENCHMARKS.md.
+            result = kept_run(job) if args.smoke else child("kept-worker", job, args.threads)
+            runs.append({**job, "round": number, **result})
+            print(f"round {number + 1}: {task}/{seed}/{name}: {runs[-1]}", flush=True)
+    summary = kept_summary(runs, args.reference)
+    for name, ratio in summary["suite_ratio"].items():
+        print(f"{name} / {args.reference}, to the kept epoch: {harness.fmt_spread(ratio, 3)}", flush=True)
+    return dict(rounds=rounds, seeds=args.seeds, reference=args.reference, runs=runs, summary=summary)
 
 
 def kept_summary(runs: list[dict[str, Any]], reference: str) -> dict[str, Any]:
@@ -448,43 +407,36 @@ def kept_summary(runs: list[dict[str, Any]], reference: str) -> dict[str, Any]:
     names = list(dict.fromkeys(r["contender"] for r in ok))
     kept = {(r["task"], r["contender"], r["round"], r["seed"]): r["time_to_kept_s"] for r in ok}
     cells: dict[str, dict[str, Any]] = {}
-    for task in dict.fromkeys(r["task"] for r in ok):
-        for name in names:
-            mine = [r for r in ok if (r["task"], r["contender"]) == (task, name)]
-            if not mine:
-                continue
-            peaks = [r["peak_mib"] for r in mine if r["peak_mib"] is not None]
-            cells.setdefault(task, {})[name] = cell = {
-                "time_to_kept_s": harness.spread([r["time_to_kept_s"] for r in mine]),
-                "total_s": harness.spread([r["total_s"] for r in mine]), "peak_mib": max(peaks, default=None),
-                "kept_epochs": sorted({r["kept_epoch"] for r in mine}),
-                "test_accuracy": statistics.mean(100 * r["test"].get("accuracy", 0.0) for r in mine),
-            }  # fmt: skip
-            theirs = [(r["time_to_kept_s"], kept.get((task, reference, r["round"], r["seed"]))) for r in mine]
-            per_round = [a / b for a, b in theirs if b is not None]
-            if per_round and name != reference:
-                cell["ratio"] = harness.spread(per_round)
+    for task, name in itertools.product(dict.fromkeys(r["task"] for r in ok), names):
+        mine = [r for r in ok if (r["task"], r["contender"]) == (task, name)]
+        if not mine:
+            continue
+        peaks = [r["peak_mib"] for r in mine if r["peak_mib"] is not None]
+        cells.setdefault(task, {})[name] = cell = {
+            "time_to_kept_s": harness.spread([r["time_to_kept_s"] for r in mine]),
+            "total_s": harness.spread([r["total_s"] for r in mine]), "peak_mib": max(peaks, default=None),
+            "kept_epochs": sorted({r["kept_epoch"] for r in mine}),
+            "test_accuracy": statistics.mean(100 * r["test"].get("accuracy", 0.0) for r in mine),
+        }  # fmt: skip
+        theirs = [(r["time_to_kept_s"], kept.get((task, reference, r["round"], r["seed"]))) for r in mine]
+        per_round = [a / b for a, b in theirs if b is not None]
+        if per_round and name != reference:
+            cell["ratio"] = harness.spread(per_round)
     suite = {
         name: [sum(r["time_to_kept_s"] for r in ok if (r["round"], r["contender"]) == (number, name))
                for number in sorted({r["round"] for r in ok})]
         for name in names
     }  # fmt: skip
     ratios = harness.ratios(suite, reference) if reference in suite else {}
-    return {
-        "cells": cells,
-        "suite_s": {n: harness.spread(v) for n, v in suite.items() if v},
-        "suite_ratio": ratios,
-    }
+    suite_s = {n: harness.spread(v) for n, v in suite.items() if v}
+    return {"cells": cells, "suite_s": suite_s, "suite_ratio": ratios}
 
 
 def render_kept(report: dict[str, Any]) -> str:
     summary, ref, fmt = report["summary"], report["reference"], harness.fmt_spread
     names = list(summary["suite_s"])
-    head = [
-        "task",
-        *(f"{n} {c}" for n in names for c in ("s to kept", "total s", "peak MiB", "kept")),
-        f"to kept vs {ref}",
-    ]
+    columns = ("s to kept", "total s", "peak MiB", "kept")
+    head = ["task", *(f"{n} {c}" for n in names for c in columns), f"to kept vs {ref}"]
     rows = []
     for task, cell in summary["cells"].items():
         parts = [
@@ -508,11 +460,8 @@ def render_kept(report: dict[str, Any]) -> str:
     for name, ratio in summary["suite_ratio"].items():
         verdict = "met" if ratio["median"] <= KEPT_GOAL else "NOT met"
         lines.append(f"- {name} / {ref}: {fmt(ratio, 3)} (goal <= {KEPT_GOAL}: {verdict})")
-    lines += [
-        f"- failed: {r['task']}/{r['seed']}/{r['contender']}: {r['error']}"
-        for r in report["runs"]
-        if "error" in r
-    ]
+    failed = [r for r in report["runs"] if "error" in r]
+    lines += [f"- failed: {r['task']}/{r['seed']}/{r['contender']}: {r['error']}" for r in failed]
     return "\n".join(lines) + "\n"
 
 
@@ -542,31 +491,22 @@ def main() -> None:
         if getattr(args, worker):
             print(json.dumps(run(json.loads(getattr(args, worker)))))
             return
-    cache_dir, started = Settings().cache_dir, datetime.now().astimezone()
-    base = {
-        "date": started.isoformat(timespec="seconds"),
-        "command": harness.command_line("bench_training_speed.py"),
-    }
-    if args.mode == "epoch" or args.smoke:
-        report = {
-            **base,
+    cache_dir, started = Settings().cache_dir, datetime.now().astimezone().isoformat(timespec="seconds")
+
+    def new_report() -> dict[str, Any]:
+        command = harness.command_line("bench_training_speed.py")
+        return {
+            "date": started,
+            "command": command,
             "environment": harness.environment(torch_threads=args.threads),
-            **epoch_mode(args, cache_dir),
         }
+
+    if args.mode == "epoch" or args.smoke:
+        report = {**new_report(), **epoch_mode(args, cache_dir)}
         harness.finish(args.out, "speed_training", report, render_epoch, plot_epoch, smoke=args.smoke)
     if args.mode == "to-kept" or args.smoke:
-        if args.smoke:
-            args.tasks, args.contenders, args.rounds = ["trec"], [FAST, "pfeiffer"], 2
-        args.rounds = args.rounds or 3
-        report = {**base, "environment": harness.environment(torch_threads=args.threads)}
-        runs = time_to_kept(args, cache_dir)
-        summary = kept_summary(runs, args.reference)
-        report.update(
-            rounds=args.rounds, seeds=args.seeds, reference=args.reference, runs=runs, summary=summary
-        )
+        report = {**new_report(), **kept_mode(args, cache_dir)}
         harness.finish(args.out, "speed_training_kept", report, render_kept, smoke=args.smoke)
-        for name, ratio in summary["suite_ratio"].items():
-            print(f"{name} / {args.reference}, to the kept epoch: {harness.fmt_spread(ratio, 3)}", flush=True)
 
 
 if __name__ == "__main__":
