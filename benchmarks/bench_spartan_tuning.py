@@ -3,10 +3,8 @@
     .venv-peers/bin/python benchmarks/bench_spartan_tuning.py            # docs/results/spartan_tuning.*
     .venv-peers/bin/python benchmarks/bench_spartan_tuning.py --smoke --out /tmp/x
 
-Each variant changes one of E (parents), C (children per parent), k (parents chosen per token),
-T (child softmax temperature), the task's own LayerNorm copies (on/off) and the learning rate, trains
-with the accuracy benchmark's few-shot budget and loop (its run_one), and records the dev accuracy (test
-is never looked at here). Resumable like the accuracy benchmark: one JSONL line per finished run.
+Each variant changes one of E (parents), C (children), k (parents per token), T (child temperature), the
+LayerNorm copies or the lr, with bench_accuracy's few-shot budget and loop. Resumable: a JSONL line a run.
 """
 
 from __future__ import annotations
@@ -23,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from app.settings import Settings
 from benchmarks import harness
-from benchmarks.bench_accuracy import CENTRE_LR, run_one
+from benchmarks.bench_accuracy import CENTRE_LR, parse_shard, run_one
 from benchmarks.peers import SpartanConfig
 
 DEFAULT, LR = SpartanConfig(), CENTRE_LR["spartan"]
@@ -37,27 +35,25 @@ VARIANTS: dict[str, tuple[SpartanConfig, float]] = {  # name -> (memory shape, l
     "lr/3": (DEFAULT, LR / 3),
     "lr*3": (DEFAULT, LR * 3),
 }
+SMOKE_VARIANTS = ("default", "k=2", "no LayerNorm")
 
 
 def main() -> None:
     cli = harness.parser(__doc__, harness.RESULTS)
     cli.add_argument("--tasks", nargs="+", default=["banking77", "trec"])
     cli.add_argument("--seeds", nargs="+", type=int, default=[0])
-    cli.add_argument("--shard", default="0/1", help="I/N: this process runs every N-th run from the I-th")
+    cli.add_argument("--shard", type=parse_shard, default="0/1", help="I/N: every N-th run from the I-th")
     args = cli.parse_args()
     torch.set_num_threads(args.threads)
-    variants = (
-        {name: VARIANTS[name] for name in ("default", "k=2", "no LayerNorm")} if args.smoke else VARIANTS
-    )
+    variants = {name: VARIANTS[name] for name in SMOKE_VARIANTS} if args.smoke else VARIANTS
     tasks, setting = (["trec"], "smoke") if args.smoke else (args.tasks, "few")
-    index, count = map(int, args.shard.split("/"))
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "spartan_tuning.jsonl"
     done = {(r["variant"], r["task"], r["seed"]) for r in harness.read_records(path)}
     jobs = [(v, t, s) for s in args.seeds for t in tasks for v in variants if (v, t, s) not in done]
-    for variant, task, seed in jobs[index::count]:
+    for variant, task, seed in jobs[args.shard[0] :: args.shard[1]]:
         config, lr = variants[variant]
-        record = run_one("minilm", task, "spartan", setting, seed, lr, Settings().cache_dir, spartan=config)
+        record = run_one(("minilm", task, "spartan", setting, seed, lr), Settings().cache_dir, spartan=config)
         record.update(variant=variant, spartan=asdict(config))
         record.pop("test", None)  # tuning must not look at test scores
         harness.append_record(path, record)
@@ -66,8 +62,8 @@ def main() -> None:
     for record in harness.read_records(path):
         dev[record["variant"]].append(record["dev"]["accuracy"] * 100)
     base = statistics.mean(dev["default"]) if dev.get("default") else 0.0
-    rows = [(name, f"{statistics.mean(dev[name]):.1f} ({len(dev[name])} runs)",
-             f"{statistics.mean(dev[name]) - base:+.1f}") for name in variants if dev.get(name)]  # fmt: skip
+    means = {name: statistics.mean(dev[name]) for name in variants if dev.get(name)}
+    rows = [(name, f"{m:.1f} ({len(dev[name])} runs)", f"{m - base:+.1f}") for name, m in means.items()]
     head = ("variant", "dev accuracy % (mean over task x seed)", "vs default")
     lines = ["# SPARTAN hyperparameters (dev accuracy %, few-shot)", "", *harness.table(head, rows)]
     (args.out / "spartan_tuning.md").write_text("\n".join(lines) + "\n")
