@@ -1,8 +1,5 @@
-"""Memory layer: time and peak memory of each implementation as the memory grows, at fixed k and C.
-
-The claim under test: at fixed k = 8 and C = 4 children per parent, the memory layer's cost stays flat
-(within 1.5x) from M = 48 to 16,384 cells (E = M / C parents). Paths (sparse, dense, auto, router, topk,
-expanded), modes, shapes and how time and peak memory are taken: docs/BENCHMARKS.md, "Memory scaling".
+"""Memory layer: time and peak memory of each path as the memory grows from M = 48 to 16,384 cells, at
+fixed k = 8 and C = 4 (claim: flat within 1.5x). Method: docs/BENCHMARKS.md, "Memory scaling".
 
     python benchmarks/bench_memory_scaling.py          # docs/bench_memory_scaling.{json,md,png}
     python benchmarks/bench_memory_scaling.py --children 3 --cells 48 4096 --shapes batch \\
@@ -18,6 +15,8 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +49,7 @@ EXPECTATION = {
     "sparse minus router": "should be flat (derived: sparse median - router median)",
 }
 FLAT = ("sparse", "auto above threshold", "sparse minus router")
+series = itemgetter("shape", "path", "mode")  # a series: one contender's rows over M
 
 
 def expanded_memory(h, parent_keys, child_keys, child_values, top_k, temperature):  # type: ignore[no-untyped-def]
@@ -67,9 +67,7 @@ def nbytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def build_cases(
-    cells: int, shape: str, args: Any
-) -> dict[tuple[str, int, str, str], tuple[Callable[[], None], int]]:
+def build_cases(cells: int, shape: str, args: Any) -> dict[tuple[str, int, str, str], tuple[Any, int]]:
     """(shape, M, path, mode) -> (one call, resident bytes): the contenders at one M and shape, sharing one
     MemoryLayer and one batch of token states."""
     torch.manual_seed(args.seed)
@@ -103,34 +101,27 @@ def build_cases(
         "expanded": lambda: expanded_memory(h_train, P, K, V, TOP_K, TEMPERATURE).update,
     }
     grad_update, grad_weights = torch.randn(tokens, args.hidden), torch.randn(tokens, TOP_K)
-    too_big = tokens * cells * args.hidden * 4 > MAX_EXPANDED_GRAD_BYTES  # expanded's backward
+    if tokens * cells * args.hidden * 4 > MAX_EXPANDED_GRAD_BYTES:  # expanded's [N, E, C, H] gradient
+        del train["expanded"]  # reported as not run
 
-    def inferring(fn: Callable[[], Any]) -> Callable[[], None]:
-        def call() -> None:
+    def run(path: str, mode: str) -> None:
+        if mode == "infer":
             with torch.inference_mode():
-                fn()
+                infer[path]()
+            return
+        train[path]().backward(grad_weights if path == "router" else grad_update)
+        for p in (P, K, V, h_train):
+            p.grad = None
 
-        return call
-
-    def training(fn: Callable[[], torch.Tensor], grad: torch.Tensor) -> Callable[[], None]:
-        def call() -> None:
-            fn().backward(grad)
-            for p in (P, K, V, h_train):
-                p.grad = None
-
-        return call
-
-    cases = {}
-    for mode in modes:
-        for path in args.paths:
-            if (mode == "train" and path == "topk") or (shape == "serve" and path not in SERVE_PATHS):
-                continue
-            if mode == "train" and path == "expanded" and too_big:
-                continue  # reported as not run
-            grad = grad_weights if path == "router" else grad_update
-            call = inferring(infer[path]) if mode == "infer" else training(train[path], grad)
-            cases[(shape, cells, path, mode)] = (call, resident.get(path, base) if mode == "infer" else base)
-    return cases
+    return {
+        (shape, cells, path, mode): (
+            partial(run, path, mode),
+            resident.get(path, base) if mode == "infer" else base,
+        )
+        for mode in modes
+        for path in args.paths
+        if path in (infer if mode == "infer" else train) and (shape != "serve" or path in SERVE_PATHS)
+    }
 
 
 def time_cases(cases: dict[Any, tuple[Callable[[], None], int]], rounds: int, sample_s: float) -> Any:
@@ -156,8 +147,7 @@ def time_cases(cases: dict[Any, tuple[Callable[[], None], int]], rounds: int, sa
 
 def memory_worker(job: dict[str, Any]) -> list[float | None]:
     """Peak working memory of each listed case, measured in this process (a fresh one)."""
-    args = argparse.Namespace(**job["args"])
-    peaks = []
+    args, peaks = argparse.Namespace(**job["args"]), []
     for shape, cells, path, mode in job["cases"]:
         call = build_cases(cells, shape, args)[(shape, cells, path, mode)][0]
         call()  # warm-up: one-time allocations are not the call's working memory
@@ -173,9 +163,8 @@ def measure_memory(keys: list[tuple[str, int, str, str]], args: Any) -> dict[tup
     for group in groups:
         job = json.dumps({"cases": group, "args": settings})
         command = [sys.executable, __file__, "--threads", str(args.threads), "--memory-worker", job]
-        peaks.update(
-            zip(group, harness.run_child(command, timeout_s=1800, env=harness.MMAP_ENV), strict=True)
-        )
+        found = harness.run_child(command, timeout_s=1800, env=harness.MMAP_ENV)
+        peaks.update(zip(group, found, strict=True))
         print(f"memory: M = {sorted({k[1] for k in group})} done", flush=True)
     return peaks
 
@@ -190,44 +179,45 @@ def ratio(values: list[tuple[int, float]]) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def flat(data: dict[str, Any]) -> bool:
-    return data["ratio"] is not None and data["ratio"] <= GOAL
+def flat(data: dict[str, Any] | None) -> bool | None:
+    return None if data is None else data["ratio"] is not None and data["ratio"] <= GOAL
 
 
 def summarize(rows: list[dict[str, Any]], threshold: int) -> list[dict[str, Any]]:
+    """Per series, and for `auto` above the threshold and sparse minus router: the ratios over M."""
     summary = []
-    for shape, path, mode in dict.fromkeys((r["shape"], r["path"], r["mode"]) for r in rows):
-        picked = [r for r in rows if (r["shape"], r["path"], r["mode"]) == (shape, path, mode)]
+    for shape, path, mode in dict.fromkeys(map(series, rows)):
+        picked = [r for r in rows if series(r) == (shape, path, mode)]
+        router = {r["cells"]: r for r in rows if series(r) == (shape, "router", mode)}
         subsets = {path: picked}
         if path == "auto":
             subsets["auto above threshold"] = [r for r in picked if r["cells"] > threshold]
-        router = {
-            r["cells"]: r for r in rows if (r["shape"], r["path"], r["mode"]) == (shape, "router", mode)
-        }
         if path == "sparse" and router:
             subsets["sparse minus router"] = [
                 {**r, "median_ms": r["median_ms"] - router[r["cells"]]["median_ms"],
                  "min_ms": r["min_ms"] - router[r["cells"]]["min_ms"], "peak_mib": None}
                 for r in picked
             ]  # fmt: skip
-        for name, subset in subsets.items():
-            if len(subset) < 2:
-                continue
+        for name, subset in ((n, s) for n, s in subsets.items() if len(s) >= 2):
             mems = [(r["cells"], r["peak_mib"]) for r in subset if r["peak_mib"] is not None]
-            entry = {
-                "shape": shape,
-                "path": name,
-                "mode": mode,
-                "sizes": len(subset),
-                "goal_applies": name in FLAT,
-            }
-            entry["time"] = ratio([(r["cells"], r["median_ms"]) for r in subset])
             # Other jobs' load only ever adds time: the per-size minima are a second, less disturbed view.
-            entry["time_of_minima"] = ratio([(r["cells"], r["min_ms"]) for r in subset])
-            entry["memory"] = ratio(mems) if len(mems) >= 2 else None
-            entry["time_met"] = flat(entry["time"])
-            entry["memory_met"] = None if entry["memory"] is None else flat(entry["memory"])
-            summary.append({**entry, "expectation": EXPECTATION[name]})
+            times, minima = (ratio([(r["cells"], r[k]) for r in subset]) for k in ("median_ms", "min_ms"))
+            memory = ratio(mems) if len(mems) >= 2 else None
+            summary.append(
+                {
+                    "shape": shape,
+                    "path": name,
+                    "mode": mode,
+                    "sizes": len(subset),
+                    "goal_applies": name in FLAT,
+                    "time": times,
+                    "time_of_minima": minima,
+                    "memory": memory,
+                    "time_met": flat(times),
+                    "memory_met": flat(memory),
+                    "expectation": EXPECTATION[name],
+                }
+            )
     return summary
 
 
@@ -246,11 +236,11 @@ def x(value: float | None) -> str:
 
 def notes(report: dict[str, Any]) -> list[str]:
     """Reading the numbers: computed from the report, so they stay true for the run they describe."""
-    rows = {(r["shape"], r["cells"], r["path"], r["mode"]): r["median_ms"] for r in report["rows"]}
+    ms = {(r["shape"], r["cells"], r["path"], r["mode"]): r["median_ms"] for r in report["rows"]}
     lo, hi, threshold = report["cells"][0], report["cells"][-1], report["dense_max_cells"]
     out = ["Reading the numbers:", ""]
     for mode in ("infer", "train"):
-        found = [rows.get(("batch", m, p, mode)) for m in (lo, hi) for p in ("sparse", "router")]
+        found = [ms.get(("batch", m, p, mode)) for m in (lo, hi) for p in ("sparse", "router")]
         if None not in found:
             s0, r0, s1, r1 = found
             out.append(
@@ -258,13 +248,12 @@ def notes(report: dict[str, Any]) -> list[str]:
                 f"router takes {r0:.1f} -> {r1:.1f} ms ({100 * r1 / s1:.0f}% at M = {hi:,}), the rest "
                 f"(gather, child softmax, weighted sum) {s0 - r0:.1f} -> {s1 - r1:.1f} ms."
             )
-    above = [m for m in report["cells"] if m > threshold]
+    first = next((m for m in report["cells"] if m > threshold), None)  # the first size `auto` runs sparse
     for shape, mode in (("batch", "infer"), ("batch", "train"), ("serve", "infer")):
-        pair = [rows.get((shape, above[0], p, mode)) for p in ("dense", "sparse")] if above else [None]
-        if None not in pair:
-            dense, sparse = pair
+        dense, sparse = (ms.get((shape, first, p, mode)) for p in ("dense", "sparse"))
+        if dense is not None and sparse is not None:
             out.append(
-                f"- Threshold ({shape}, {mode}): at M = {above[0]:,}, the first size `auto` runs sparse, "
+                f"- Threshold ({shape}, {mode}): at M = {first:,}, the first size `auto` runs sparse, "
                 f"dense takes {dense:.1f} ms, sparse {sparse:.1f} ms "
                 f"({'sparse' if sparse < dense else 'dense'} wins)."
             )
@@ -276,8 +265,7 @@ def notes(report: dict[str, Any]) -> list[str]:
 
 
 def render(report: dict[str, Any]) -> str:
-    def mem(entry: dict[str, Any]) -> str:
-        m = entry["memory"]
+    def mem(m: dict[str, Any] | None) -> str:
         return "n/a" if m is None else f"{x(m['ratio'])} ({m['min']:.0f} -> {m['max']:.0f} MiB)"
 
     def when(t: dict[str, Any]) -> str:
@@ -289,7 +277,8 @@ def render(report: dict[str, Any]) -> str:
             "ratio of minima", "time goal", "peak-memory ratio", "memory goal", "expectation")  # fmt: skip
     summary = [
         (e["shape"], e["path"], e["mode"], e["sizes"], when(e["time"]), x(e["time"]["growth"]),
-         x(e["time_of_minima"]["ratio"]), verdict(e, "time"), mem(e), verdict(e, "memory"), e["expectation"])
+         x(e["time_of_minima"]["ratio"]), verdict(e, "time"), mem(e["memory"]), verdict(e, "memory"),
+         e["expectation"])
         for e in report["summary"]
     ]  # fmt: skip
     lines = [
@@ -310,8 +299,9 @@ def render(report: dict[str, Any]) -> str:
         "",
         *harness.table(head, summary),
         "",
-        *notes(report),
+        *report["notes"],
     ]
+    head = ("M", "E", "path", "mode", "median ms", "min", "max", "runs", "peak MiB", "resident MiB")
     for shape in report["shapes"]:
         rows = [
             (f"{r['cells']:,}", f"{r['parents']:,}", r["path"], r["mode"], f"{r['median_ms']:.2f}",
@@ -319,13 +309,10 @@ def render(report: dict[str, Any]) -> str:
              "n/a" if r["peak_mib"] is None else f"{r['peak_mib']:.1f}", f"{r['resident_mib']:.1f}")
             for r in report["rows"] if r["shape"] == shape
         ]  # fmt: skip
-        head = ("M", "E", "path", "mode", "median ms", "min", "max", "runs", "peak MiB", "resident MiB")
         lines += ["", f"## {shape}", "", *harness.table(head, rows)]
     if report["not_run"]:
-        lines += [
-            "",
-            f"Not run (an [N, E, C, H] gradient over 4 GiB): expanded train at M = {report['not_run']}",
-        ]
+        not_run = f"Not run (an [N, E, C, H] gradient over 4 GiB): expanded train at M = {report['not_run']}"
+        lines += ["", not_run]
     return "\n".join(lines) + "\n"
 
 
@@ -333,24 +320,18 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt = harness.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(14, 5.5))
     rows = [r for r in report["rows"] if r["shape"] == "batch"]
-    for name, mode in dict.fromkeys((r["path"], r["mode"]) for r in rows):
-        picked = sorted((r for r in rows if (r["path"], r["mode"]) == (name, mode)), key=lambda r: r["cells"])
+    for _, name, mode in dict.fromkeys(map(series, rows)):
+        picked = sorted((r for r in rows if series(r) == ("batch", name, mode)), key=itemgetter("cells"))
         xs, color = [r["cells"] for r in picked], f"C{PATHS.index(name)}"
-        style = {
-            "color": color,
-            "linestyle": "-" if mode == "infer" else "--",
-            "marker": "o",
-            "markersize": 3,
-        }
+        style = dict(color=color, linestyle="-" if mode == "infer" else "--", marker="o", markersize=3)
         axes[0].plot(xs, [r["median_ms"] for r in picked], label=f"{name} {mode}", **style)
         axes[0].fill_between(
             xs, [r["min_ms"] for r in picked], [r["max_ms"] for r in picked], color=color, alpha=0.12
         )
         mem = [(r["cells"], max(r["peak_mib"], 0.1)) for r in picked if r["peak_mib"] is not None]
         axes[1].plot([m for m, _ in mem], [v for _, v in mem], label=f"{name} {mode}", **style)
-    for axis, title in zip(
-        axes, ("time per call, ms", "peak working memory per call, MiB (< 0.1 at 0.1)"), strict=True
-    ):
+    titles = ("time per call, ms", "peak working memory per call, MiB (< 0.1 at 0.1)")
+    for axis, title in zip(axes, titles, strict=True):
         axis.set(xscale="log", yscale="log", title=title, xlabel=f"M cells (E = M / {report['children']})")
         axis.axvline(report["dense_max_cells"], color="grey", linestyle=":", linewidth=1)
         axis.grid(True, which="both", alpha=0.3)

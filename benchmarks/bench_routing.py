@@ -1,8 +1,5 @@
-"""Do memory parents specialise in topics? The shipped BBC News memory (5 topics) on its test split.
-
-Mutual information I(parent; topic) per layer, token level and document level, against a shuffled-label
-and an untrained-memory control (method: docs/BENCHMARKS.md, "Parent specialisation"). Counting uses
-app/spartan/routing_stats.py, the code behind the service's GET /v1/tasks/{task}/routing.
+"""Do memory parents specialise in topics? MI(parent; topic) per layer of the shipped BBC News memory,
+against shuffled-label and untrained-memory controls. Method: docs/BENCHMARKS.md, "Parent specialisation".
 
     python benchmarks/bench_routing.py          # test split -> docs/bench_routing.{json,md}, routing_bbc.png
     python benchmarks/bench_routing.py --smoke  # 10 documents, seconds (run by the tests)
@@ -14,7 +11,7 @@ import json
 import math
 import statistics
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,18 +20,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from app.engine.encoder import RowGroup, SpartanEncoder
 from app.settings import Settings
+from app.spartan import routing_stats as stats  # the counting behind GET /v1/tasks/{task}/routing
 from app.spartan.memory import TaskMemory
-from app.spartan.routing_stats import (
-    count_choices,
-    entropy_bits,
-    mutual_information_bits,
-    mutual_information_ceiling_bits,
-    shares_per_label,
-)
 from app.training.datasets import Example, load_named
 from benchmarks import harness
-
-Table = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
 def document_counts(
@@ -56,7 +45,7 @@ def document_counts(
             assert out.outputs[0] is not None
             # Each document is its own bucket: topic tables (true or shuffled) are sums of documents.
             mask = encoding["attention_mask"]
-            counts += count_choices(out.routing[0], mask, rows + start, len(docs), spec.num_parents)
+            counts += stats.count_choices(out.routing[0], mask, rows + start, len(docs), spec.num_parents)
             predicted[start : start + len(batch)] = out.outputs[0].argmax(-1)
             tokens += int(mask.sum())
     return counts, predicted, tokens
@@ -80,26 +69,19 @@ def majority_parent_counts(doc_counts: torch.Tensor, topics: torch.Tensor, num_t
 
 
 def mi_per_layer(counts: torch.Tensor) -> list[float]:
-    return [mutual_information_bits(layer) for layer in counts]
+    return [stats.mutual_information_bits(layer) for layer in counts]
 
 
-def shuffled_mi(
-    doc_counts: torch.Tensor, topics: torch.Tensor, num_topics: int, table: Table, args: Any
-) -> dict[str, list[float]]:
-    """MI per layer with the document labels permuted: mean and max over `--shuffles` permutations."""
-    generator = torch.Generator().manual_seed(args.seed)
-    runs = [
-        mi_per_layer(table(doc_counts, topics[torch.randperm(len(topics), generator=generator)], num_topics))
-        for _ in range(args.shuffles)
-    ]
-    by_layer = list(zip(*runs, strict=True))
+def shuffled_mi(tables: Iterable[torch.Tensor]) -> dict[str, list[float]]:
+    """MI per layer of count tables with permuted document labels: mean and max over the permutations."""
+    by_layer = list(zip(*map(mi_per_layer, tables), strict=True))
     return {"mean": [statistics.mean(v) for v in by_layer], "max": [max(v) for v in by_layer]}
 
 
 def top_parents_by_lift(topic_counts: torch.Tensor, labels: Sequence[str], top: int = 3) -> dict[str, list]:
     """Per topic, the parents most over-chosen relative to all topics: lift = topic share / overall share."""
-    shares = shares_per_label(topic_counts)
-    overall = shares_per_label(topic_counts.sum(0, keepdim=True))[0]
+    shares = stats.shares_per_label(topic_counts)
+    overall = stats.shares_per_label(topic_counts.sum(0, keepdim=True))[0]
     lift = torch.where(overall > 0, shares / overall.clamp_min(1e-12), torch.zeros_like(shares))
     return {
         label: [
@@ -114,22 +96,26 @@ def analyse(name: str, encoder: SpartanEncoder, memory: TaskMemory, docs: Sequen
             topics: torch.Tensor, labels: Sequence[str], args: Any) -> dict[str, Any]:  # fmt: skip
     """Every statistic of one memory on the documents (token level, controls, document level)."""
     doc_counts, predicted, tokens = document_counts(encoder, memory, docs, args.batch_size)
-    topic_counts = sum_by_topic(doc_counts, topics, len(labels))
-    majority = majority_parent_counts(doc_counts, topics, len(labels))
+    num_topics = len(labels)
+    topic_counts = sum_by_topic(doc_counts, topics, num_topics)
+    majority = majority_parent_counts(doc_counts, topics, num_topics)
     mi = mi_per_layer(topic_counts)
     best_layer = max(range(len(mi)), key=mi.__getitem__)
-    topic_entropy = entropy_bits(topic_counts[0].sum(-1))
+    topic_entropy = stats.entropy_bits(topic_counts[0].sum(-1))
+    generator = torch.Generator().manual_seed(args.seed)  # the same `--shuffles` permutations everywhere
+    shuffles = [topics[torch.randperm(len(topics), generator=generator)] for _ in range(args.shuffles)]
+    token_shuffled = shuffled_mi(sum_by_topic(doc_counts, t, num_topics) for t in shuffles)
+    document_shuffled = shuffled_mi(majority_parent_counts(doc_counts, t, num_topics) for t in shuffles)
     spec = memory.spec
     result = {
         "memory": name, "accuracy": float((predicted == topics).float().mean()), "tokens": tokens,
         "topic_entropy_bits": topic_entropy,
-        "mi_ceiling_bits": mutual_information_ceiling_bits(topic_entropy, spec.num_parents, spec.top_k),
-        "mi_bits": mi, "shuffled_mi_bits": shuffled_mi(doc_counts, topics, len(labels), sum_by_topic, args),
-        "parent_entropy_bits": [entropy_bits(layer.sum(0)) for layer in topic_counts],
-        "document_topic_entropy_bits": entropy_bits(torch.bincount(topics, minlength=len(labels))),
+        "mi_ceiling_bits": stats.mutual_information_ceiling_bits(topic_entropy, spec.num_parents, spec.top_k),
+        "mi_bits": mi, "shuffled_mi_bits": token_shuffled,
+        "parent_entropy_bits": [stats.entropy_bits(layer.sum(0)) for layer in topic_counts],
+        "document_topic_entropy_bits": stats.entropy_bits(torch.bincount(topics, minlength=num_topics)),
         "document_mi_bits": mi_per_layer(majority),
-        "document_shuffled_mi_bits":
-            shuffled_mi(doc_counts, topics, len(labels), majority_parent_counts, args),
+        "document_shuffled_mi_bits": document_shuffled,
         "distinct_majority_parents": [int((layer.sum(0) > 0).sum()) for layer in majority],
         "best_layer": best_layer,
         "top_parents_best_layer": top_parents_by_lift(topic_counts[best_layer], labels),
@@ -148,14 +134,12 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(len(results), layers, figsize=size, squeeze=False, gridspec_kw={"hspace": 0.55})
     for row, result in enumerate(results):
         for layer, ax in enumerate(axes[row]):
-            shares = shares_per_label(torch.tensor(result["topic_counts"][layer])).numpy()
+            shares = stats.shares_per_label(torch.tensor(result["topic_counts"][layer])).numpy()
             # A parent chosen by every token of a topic has share 1/k: the top of the scale.
             image = ax.imshow(shares, vmin=0, vmax=1 / report["top_k"], cmap="viridis", aspect="auto")
             mi, shuffled = result["mi_bits"][layer], result["shuffled_mi_bits"]["max"][layer]
-            ax.set_title(
-                f"{result['memory']}, layer {layer}\nMI {mi:.3f} bits (shuffled max {shuffled:.3f})",
-                fontsize=8,
-            )
+            title = f"{result['memory']}, layer {layer}\nMI {mi:.3f} bits (shuffled max {shuffled:.3f})"
+            ax.set_title(title, fontsize=8)
             ax.set_yticks(range(len(labels)), labels if layer == 0 else [""] * len(labels), fontsize=7)
             ax.set_xticks(range(0, report["num_parents"], 3))
             ax.tick_params(axis="x", labelsize=7)
@@ -197,13 +181,11 @@ def render(report: dict[str, Any]) -> str:
         "",
         harness.header(report),
         "",
-        f"Memory `{report['memory_file']}` (version {report['memory_version'][:12]}), {report['split']} "
-        "split: "
-        f"{report['documents']} documents ({trained['tokens']:,} real tokens, max length "
-        f"{report['max_length']}), "
-        f"E = {report['num_parents']} parents, k = {report['top_k']} per token per layer. Accuracy on these "
-        f"documents: trained {trained['accuracy']:.3f}, untrained {untrained['accuracy']:.3f}. Method and "
-        "controls: docs/BENCHMARKS.md, section 4.",
+        f"Memory `{report['memory_file']}` (version {report['memory_version'][:12]}), {report['split']}"
+        f" split: {report['documents']} documents ({trained['tokens']:,} real tokens, max length"
+        f" {report['max_length']}), E = {report['num_parents']} parents, k = {report['top_k']} per token per"
+        f" layer. Accuracy on these documents: trained {trained['accuracy']:.3f}, untrained"
+        f" {untrained['accuracy']:.3f}. Method and controls: docs/BENCHMARKS.md, section 4.",
         "",
         f"Token level: MI(parent; true topic) in bits; its ceiling min(H(topic) = "
         f"{trained['topic_entropy_bits']:.2f}, log2(E / k)) = {ceiling:.2f} bits. Shuffled: "
