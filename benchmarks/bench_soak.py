@@ -1,13 +1,6 @@
-"""Soak: a server under mixed predict / upload / delete traffic for a long time; does it leak?
-
-Eight clients, each in a loop: 80% predictions (8 texts) on the shipped tasks and on uploaded ones,
-10% uploads (a new task, or a new version of one), 10% deletes of uploaded tasks. The server's RSS,
-open file descriptors and threads are sampled every few seconds from /proc. After the traffic, every
-uploaded task is deleted: its memory must leave the process (spartan_memory_bytes back to the
-shipped tasks' bytes, RSS back near the warm-up level).
-
-Goals (docs/RELIABILITY.md): RSS growth <= 5% from the end of the warm-up to the end; no growth of
-file descriptors or threads; deleted tasks free their memory.
+"""Soak: 8 clients of mixed traffic (80% predictions, 10% uploads, 10% deletes of uploaded tasks) for a
+long time, the server's RSS, open file descriptors and threads sampled from /proc; then every uploaded
+task is deleted and its memory must leave the process. Goals and results: docs/RELIABILITY.md.
 
     python benchmarks/bench_soak.py --minutes 30          # the real soak; docs/results/soak.*
     python benchmarks/bench_soak.py --smoke --out /tmp/s  # ~25 s, run by the tests
@@ -36,6 +29,8 @@ SHIPPED = ("sentiment", "banking77", "bbc-news")
 CLIENTS = 8
 VARIANTS = 12  # distinct memory files the uploads cycle through
 UPLOAD_NAMES = [f"soak-{i:02d}" for i in range(24)]  # uploaded task names in play: created, replaced, deleted
+# (name, unit suffix, table row) of the /proc figures; a sample holds each as name + suffix
+FIGURES = (("rss", "_mib", "RSS (MiB)"), ("fds", "", "open file descriptors"), ("threads", "", "threads"))
 
 
 def memory_variants(count: int) -> list[bytes]:
@@ -48,15 +43,17 @@ def memory_variants(count: int) -> list[bytes]:
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata()
     tensors, generator = load(path.read_bytes()), torch.Generator().manual_seed(0)
-    noisy = ({name: t + 0.01 * torch.randn(t.shape, generator=generator) for name, t in tensors.items()}
-             for _ in range(count))  # fmt: skip
-    return [save(t, metadata=metadata) for t in noisy]
+
+    def noisy(t: torch.Tensor) -> torch.Tensor:
+        return t + 0.01 * torch.randn(t.shape, generator=generator)
+
+    return [save({n: noisy(t) for n, t in tensors.items()}, metadata=metadata) for _ in range(count)]
 
 
 def proc_sample(pid: int, start: float) -> dict[str, float]:
-    status = harness.proc_status(pid)
-    return {"t": time.monotonic() - start, "rss_mib": harness.status_mib("VmRSS", pid),
-            "threads": int(status["Threads"]), "fds": len(os.listdir(f"/proc/{pid}/fd"))}  # fmt: skip
+    threads, fds = int(harness.proc_status(pid)["Threads"]), len(os.listdir(f"/proc/{pid}/fd"))
+    rss = harness.status_mib("VmRSS", pid)
+    return {"t": time.monotonic() - start, "rss_mib": rss, "threads": threads, "fds": fds}
 
 
 def memory_bytes(url: str) -> float:
@@ -93,23 +90,20 @@ async def soak(
     return {"samples": samples, "after_deletes": proc_sample(server.pid, start), "outcomes": dict(outcomes)}
 
 
-def analyse(
-    result: dict[str, Any], warmup_s: float, shipped_bytes: float, end_bytes: float
-) -> dict[str, Any]:
+def analyse(result: dict[str, Any], warmup_s: float, shipped: float, end: float) -> dict[str, Any]:
     """Medians over a window right after the warm-up and over the last window of the run, each a
     tenth of the run (at least 3 samples): single samples catch a load or an upload in progress."""
     samples = [s for s in result["samples"] if s["t"] >= warmup_s] or result["samples"][-3:]
     width = max(3, len(samples) // 10)
     analysis: dict[str, Any] = {"window_samples": width}
-    for key, name in (("rss_mib", "rss"), ("fds", "fds"), ("threads", "threads")):
-        first = statistics.median_high(s[key] for s in samples[:width])
-        last = statistics.median_high(s[key] for s in samples[-width:])
-        suffix = "_mib" if key == "rss_mib" else ""
-        analysis.update({f"{name}_after_warmup{suffix}": first, f"{name}_end{suffix}": last,
-                         f"{name}_max{suffix}": max(s[key] for s in samples)})  # fmt: skip
+    for name, suffix, _ in FIGURES:
+        values = [s[name + suffix] for s in samples]
+        analysis[f"{name}_after_warmup{suffix}"] = statistics.median_high(values[:width])
+        analysis[f"{name}_end{suffix}"] = statistics.median_high(values[-width:])
+        analysis[f"{name}_max{suffix}"] = max(values)
     analysis["rss_growth"] = analysis["rss_end_mib"] / analysis["rss_after_warmup_mib"] - 1
     analysis["rss_after_deletes_mib"] = result["after_deletes"]["rss_mib"]
-    return {**analysis, "memory_bytes_shipped": shipped_bytes, "memory_bytes_after_deletes": end_bytes}
+    return {**analysis, "memory_bytes_shipped": shipped, "memory_bytes_after_deletes": end}
 
 
 def verdicts(a: dict[str, Any], outcomes: dict[str, int]) -> list[tuple[str, bool]]:
@@ -125,10 +119,9 @@ def verdicts(a: dict[str, Any], outcomes: dict[str, int]) -> list[tuple[str, boo
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    plt = harness.pyplot()
     samples = result["samples"]
     minutes = [s["t"] / 60 for s in samples]
-    fig, (rss, counts) = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
+    fig, (rss, counts) = harness.pyplot().subplots(2, 1, figsize=(8, 5), sharex=True)
     rss.plot(minutes, [s["rss_mib"] for s in samples], label="RSS")
     rss.axvline(result["settings"]["warmup_minutes"], color="grey", linestyle=":", label="end of warm-up")
     rss.set(ylabel="MiB", title="server under mixed predict / upload / delete traffic")
@@ -141,40 +134,36 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    a, settings = result["analysis"], result["settings"]
+    a, settings, width = result["analysis"], result["settings"], result["analysis"]["window_samples"]
     outcomes = ", ".join(f"{k}: {v}" for k, v in sorted(result["outcomes"].items()))
     rows = [
-        ("RSS (MiB)", f"{a['rss_after_warmup_mib']:.0f}", f"{a['rss_end_mib']:.0f} ({a['rss_growth']:+.1%})",
-         f"{a['rss_max_mib']:.0f}"),
-        *((name, f"{a[f'{key}_after_warmup']:.0f}", f"{a[f'{key}_end']:.0f}", f"{a[f'{key}_max']:.0f}")
-          for name, key in (("open file descriptors", "fds"), ("threads", "threads"))),
-    ]  # fmt: skip
-    return "\n".join([
-        "# Soak: mixed traffic, then every uploaded task deleted",
-        "",
-        f"{harness.header(result)} One server process (1 torch thread, pinned shipped tasks), {CLIENTS} "
-        "clients "
-        f"back to back: 80% predictions (8 texts), 10% uploads ({len(UPLOAD_NAMES)} task names, {VARIANTS} "
-        f"distinct files), 10% deletes. {settings['minutes']:g} minutes, warm-up "
-        f"{settings['warmup_minutes']:g} "
-        f"minutes, /proc sampled every {settings['every_s']:g} s. One run.",
-        "",
-        f"Requests: {sum(result['outcomes'].values())} ({outcomes}).",
-        "",
-        f"Windows: the median of the {a['window_samples']} samples right after the warm-up, and of the last "
-        f"{a['window_samples']}.",
-        "",
-        *harness.table(("figure", "after warm-up", "end", "max"), rows),
-        "",
+        [title, *(f"{a[f'{name}_{at}{suffix}']:.0f}" for at in ("after_warmup", "end", "max"))]
+        for name, suffix, title in FIGURES
+    ]
+    rows[0][2] += f" ({a['rss_growth']:+.1%})"
+    setup = (
+        f"One server process (1 torch thread, pinned shipped tasks), {CLIENTS} clients back to back: 80% "
+        f"predictions (8 texts), 10% uploads ({len(UPLOAD_NAMES)} task names, {VARIANTS} distinct files), "
+        f"10% deletes. {settings['minutes']:g} minutes, warm-up {settings['warmup_minutes']:g} minutes, "
+        f"/proc sampled every {settings['every_s']:g} s. One run."
+    )
+    after = (
         f"After deleting every uploaded task: resident memory bytes {a['memory_bytes_after_deletes']:.0f} "
-        "(the "
-        f"shipped tasks alone: {a['memory_bytes_shipped']:.0f}); RSS {a['rss_after_deletes_mib']:.0f} MiB.",
-        "",
-        *harness.goal_table(result["verdicts"]),
-        "",
-        f"![RSS, file descriptors and threads over the soak]({result['name']}.png)",
-        "",
-    ])  # fmt: skip
+        f"(the shipped tasks alone: {a['memory_bytes_shipped']:.0f}); "
+        f"RSS {a['rss_after_deletes_mib']:.0f} MiB."
+    )
+    return "\n\n".join(
+        [
+            "# Soak: mixed traffic, then every uploaded task deleted",
+            f"{harness.header(result)} {setup}",
+            f"Requests: {sum(result['outcomes'].values())} ({outcomes}).",
+            f"Windows: the median of the {width} samples right after the warm-up, and of the last {width}.",
+            "\n".join(harness.table(("figure", "after warm-up", "end", "max"), rows)),
+            after,
+            "\n".join(harness.goal_table(result["verdicts"])),
+            f"![RSS, file descriptors and threads over the soak]({result['name']}.png)\n",
+        ]
+    )
 
 
 def main() -> None:
@@ -185,14 +174,11 @@ def main() -> None:
     args = cli.parse_args()
     if args.smoke:  # 15 s of traffic, 30 samples
         args.minutes, args.warmup, args.every = 0.25, 0.1, 0.5
-    report: dict[str, Any] = {
-        "environment": harness.environment(),
-        "command": harness.command_line("bench_soak.py"),
-    }
+    report = {"environment": harness.environment(), "command": harness.command_line("bench_soak.py")}
     report["settings"] = {"minutes": args.minutes, "warmup_minutes": args.warmup, "every_s": args.every}
     files = memory_variants(VARIANTS)
-    env = {"SPARTAN_STORE_POLL_INTERVAL_S": "2", "OMP_WAIT_POLICY": "PASSIVE",
-           "SPARTAN_PINNED_TASKS": json.dumps(list(SHIPPED))}  # fmt: skip
+    env = {"SPARTAN_STORE_POLL_INTERVAL_S": "2", "OMP_WAIT_POLICY": "PASSIVE"}
+    env["SPARTAN_PINNED_TASKS"] = json.dumps(list(SHIPPED))
     with (
         tempfile.TemporaryDirectory() as tmp,
         harness.serve_store(harness.shipped_store(Path(tmp)), env=env) as server,
@@ -200,15 +186,12 @@ def main() -> None:
         shipped_bytes = memory_bytes(server.url)
         report.update(asyncio.run(soak(server, args.minutes * 60, args.every, files)))
         end_bytes = memory_bytes(server.url)
-    report["analysis"] = analyse(report, args.warmup * 60, shipped_bytes, end_bytes)
-    report["verdicts"] = verdicts(report["analysis"], report["outcomes"])
+    report["analysis"] = a = analyse(report, args.warmup * 60, shipped_bytes, end_bytes)
+    report["verdicts"] = verdicts(a, report["outcomes"])
     harness.finish(args.out, "soak", report, markdown, plot)
-    a = report["analysis"]
-    print(
-        f"RSS {a['rss_after_warmup_mib']:.0f} -> {a['rss_end_mib']:.0f} MiB ({a['rss_growth']:+.1%}); "
-        f"fds {a['fds_after_warmup']} -> {a['fds_end']}; "
-        f"threads {a['threads_after_warmup']} -> {a['threads_end']}"
-    )
+    rss = f"RSS {a['rss_after_warmup_mib']:.0f} -> {a['rss_end_mib']:.0f} MiB ({a['rss_growth']:+.1%})"
+    fds, threads = (f"{n} {a[f'{n}_after_warmup']} -> {a[f'{n}_end']}" for n in ("fds", "threads"))
+    print(f"{rss}; {fds}; {threads}")
 
 
 if __name__ == "__main__":
