@@ -178,7 +178,8 @@ class MemoryGraph:
         self.shape, self.precision = shape, precision
         self.hidden, self.num_layers = backbone.hidden_size, backbone.num_layers
         self.layernorm_names = tuple(layernorm_names)
-        self.input_names = list(_example_encoding(backbone))
+        example = _example_encoding(backbone)
+        self.input_names = list(example)
         folder = cache_dir / self._cache_key(backbone, ov.__version__) if cache_dir is not None else None
         cached = self._read_cache(folder) if folder is not None else None
         if cached is not None:
@@ -198,9 +199,6 @@ class MemoryGraph:
         }
         compiled = ov.Core().compile_model(model, "CPU", config)
         self.streams = streams
-        self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        for _ in range(streams):
-            self._requests.put(compiled.create_infer_request())
         self._packs_lock = threading.Lock()
         cells = shape.num_cells
         # Rows and layers without a memory: zero keys and values make the update exactly 0.
@@ -213,6 +211,25 @@ class MemoryGraph:
         self._bare = [*self._base_affine, *[zero_keys.numpy()] * layers, *[zero_values.numpy()] * layers]
         self._packs: weakref.WeakKeyDictionary[TaskMemory, tuple[tuple[int, ...], list[np.ndarray]]]
         self._packs = weakref.WeakKeyDictionary()
+        self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        for request in self._warmed_requests(compiled, example):
+            self._requests.put(request)
+
+    def _warmed_requests(self, compiled: Any, example: Mapping[str, torch.Tensor]) -> list[Any]:
+        """One infer request per stream, each having run one bare pass in this thread.
+
+        Why before any caller may use them: OpenVINO's Python bindings (2026.4) fill function-local
+        statics on first use, with the GIL held (the input dispatch's `Type.to_dtype`). Two threads
+        doing it at once deadlock the process: the batch workers' first passes side by side froze a
+        server for good, event loop and /healthz included (tests/unit/test_graph.py). The pass also
+        takes each stream's one-off kernel setup off the first request.
+        """
+        requests = [compiled.create_infer_request() for _ in range(self.streams)]
+        rows = example["input_ids"].shape[0]
+        inputs = self._inputs(example, [None], torch.zeros(rows, dtype=torch.long))
+        for request in requests:
+            self._infer(request, inputs)
+        return requests
 
     def _cache_key(self, backbone: Backbone, ov_version: str) -> str:
         facts = [GRAPH_FORMAT, ov_version, torch.__version__, backbone.fingerprint, str(self.shape)]
@@ -303,16 +320,28 @@ class MemoryGraph:
         """One pass: rows use memories[row_task[i]] (None = none). Returns the last hidden state
         [B, S, H] (float32) and the chosen parents [B, L, S, k] (meaningless where a row has no memory
         at that layer)."""
+        inputs = self._inputs(encoding, memories, row_task)
+        request = self._requests.get()  # a free stream's request; waits while all of them run
+        try:
+            return self._infer(request, inputs)
+        finally:
+            self._requests.put(request)
+
+    def _inputs(
+        self,
+        encoding: Mapping[str, torch.Tensor],
+        memories: Sequence[TaskMemory | None],
+        row_task: torch.Tensor,
+    ) -> list[np.ndarray]:
         packs = [self._pack(memory) for memory in memories]
         inputs = [encoding[name].numpy() for name in self.input_names]
         inputs.append(row_task.numpy())
-        inputs += [_stack([pack[part] for pack in packs]) for part in range(len(packs[0]))]
-        request = self._requests.get()  # a free stream's request; waits while all of them run
-        try:
-            result = request.infer(inputs, share_inputs=True)
-            hidden, parents = (torch.from_numpy(result[i].copy()) for i in range(2))
-        finally:
-            self._requests.put(request)
+        return inputs + [_stack([pack[part] for pack in packs]) for part in range(len(packs[0]))]
+
+    @staticmethod
+    def _infer(request: Any, inputs: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        result = request.infer(inputs, share_inputs=True)
+        hidden, parents = (torch.from_numpy(result[i].copy()) for i in range(2))
         return hidden, parents.long()
 
     def _pack(self, memory: TaskMemory | None) -> list[np.ndarray]:

@@ -286,6 +286,23 @@ def test_streams_run_passes_side_by_side_each_with_its_own_result():
                 assert_f32_close(shared.outputs[0], single.outputs[0])
 
 
+def test_a_new_graph_has_run_one_pass_on_every_stream(tmp_path):
+    """Before any caller can reach them, each stream's infer request has run a pass, in the building
+    thread. OpenVINO's bindings fill first-use statics with the GIL held: two batch workers making the
+    process's first passes at once deadlocked it (a fresh server froze for good, 4 starts in 49 under a
+    load of single-row requests). Read from the cache, as a restart does, where no conversion has
+    called the bindings before."""
+    graph_encoder(tiny_backbone("bert"), tiny_backbone("bert"), streams=2, cache_dir=tmp_path)
+    encoder = graph_encoder(tiny_backbone("bert"), tiny_backbone("bert"), streams=2, cache_dir=tmp_path)
+    assert encoder.graph is not None
+    requests = [encoder.graph._requests.get_nowait() for _ in range(encoder.graph.streams)]
+    try:
+        assert all(request.latency > 0 for request in requests)  # ms of its last pass; 0 before any
+    finally:
+        for request in requests:
+            encoder.graph._requests.put(request)
+
+
 def test_engine_streams_and_their_threads_share_the_cpus(settings_for, monkeypatch):
     monkeypatch.setattr("app.engine.serving.available_cpus", lambda: 4)
     shares = {
