@@ -1,6 +1,7 @@
 """Overload: a closed loop of 16 clients measures capacity; an open loop then sends 5x that rate on
 schedule for 60 s (a request unanswered by its deadline + 10 s counts as "hung"); then the closed loop
-in 0.5 s windows until throughput is back to 90% of capacity. Goals and results: docs/RELIABILITY.md.
+in 0.5 s windows until throughput is back to 90% of the same windows' rate before the burst. Goals and
+results: docs/RELIABILITY.md.
 
     python benchmarks/bench_overload.py                       # ~2 minutes; docs/results/overload.*
     python benchmarks/bench_overload.py --smoke --out /tmp/o  # seconds; run by the tests
@@ -9,6 +10,7 @@ in 0.5 s windows until throughput is back to 90% of capacity. Goals and results:
 from __future__ import annotations
 
 import asyncio
+import statistics
 import sys
 import tempfile
 import time
@@ -24,6 +26,7 @@ from benchmarks import harness
 from benchmarks.harness import percentile
 
 TEXTS_PER_REQUEST, TASK = 8, "sentiment"
+WINDOW_S, WINDOWS_BEFORE = 0.5, 5  # recovery's windows, and how many of them set its target
 
 
 @dataclass(frozen=True)
@@ -82,12 +85,20 @@ async def open_loop(url: str, rate: float, seconds: float, client_timeout_s: flo
     return records
 
 
-async def recovery(url: str, plan: Plan, capacity: float) -> dict[str, Any]:
-    """Seconds after the burst until a 0.5 s window of the closed loop reaches 90% of capacity."""
+async def window_rps(url: str, plan: Plan) -> float:
+    """Requests/s served (200) by a closed loop of WINDOW_S seconds."""
+    return (await served(url, plan.clients, WINDOW_S)).count(200) / WINDOW_S
+
+
+async def recovery(url: str, plan: Plan, before_rps: float) -> dict[str, Any]:
+    """Seconds after the burst until a window reaches 90% of the windows' rate before it.
+
+    Windows against windows: a short loop pays its ramp and its tail, so it reads below the long
+    capacity loop (up to ~11% on 4 clients: a run whose server had recovered never got there)."""
     start, windows = time.monotonic(), []
     while time.monotonic() - start < plan.recovery_limit_s:
-        windows.append((await served(url, plan.clients, 0.5)).count(200) / 0.5)
-        if windows[-1] >= 0.9 * capacity:
+        windows.append(await window_rps(url, plan))
+        if windows[-1] >= 0.9 * before_rps:
             return {"seconds": time.monotonic() - start, "windows_rps": windows, "recovered": True}
     return {"seconds": None, "windows_rps": windows, "recovered": False}
 
@@ -136,17 +147,20 @@ async def measure(url: str, plan: Plan) -> dict[str, Any]:
     await served(url, plan.clients, 1.0)  # warm-up
     statuses = await served(url, plan.clients, plan.capacity_s)
     capacity = statuses.count(200) / plan.capacity_s
+    before = [await window_rps(url, plan) for _ in range(WINDOWS_BEFORE)]
     records = await open_loop(url, plan.factor * capacity, plan.overload_s, plan.request_timeout_s + 10)
     return {
         "capacity": {"rps": capacity, "statuses": dict(Counter(statuses))},
+        "windows_before": {"rps": statistics.median(before), "windows_rps": before},
         "overload": summarise(records, plan, capacity, plan.factor * capacity),
-        "recovery": await recovery(url, plan, capacity),
+        "recovery": await recovery(url, plan, statistics.median(before)),
         "timeline": timeline(records),
     }
 
 
 def verdicts(result: dict[str, Any], plan: Plan) -> list[tuple[str, bool]]:
     o, rejected, rec = result["overload"], result["overload"]["statuses"].get("429", 0), result["recovery"]
+    recovered_in_5_s = bool(rec["recovered"]) and rec["seconds"] <= 5
     deadline = f"accepted requests answered within the {plan.request_timeout_s:g} s deadline (+1 s)"
     return [
         ("overload refused with 429", rejected > 0),
@@ -155,7 +169,7 @@ def verdicts(result: dict[str, Any], plan: Plan) -> list[tuple[str, bool]]:
         (deadline, o["accepted_max_s"] <= plan.request_timeout_s + 1),
         ("no request hangs", o["hung"] == 0),
         ("no other outcome (5xx but 504, transport errors)", not o["other"]),
-        ("throughput back to 90% of capacity within 5 s", bool(rec["recovered"]) and rec["seconds"] <= 5),
+        ("throughput back to 90% of its rate before the burst within 5 s", recovered_in_5_s),
     ]
 
 
@@ -194,7 +208,11 @@ def markdown(result: dict[str, Any]) -> str:
         ("served (200) latency p50 / p99 / max of accepted", accepted),
         ("hung (no answer within deadline + 10 s)", o["hung"]),
         ("load generator lag behind its schedule, p99", f"{o['generator_lag_p99_ms']:.1f} ms"),
-        ("recovery to 90% of capacity", f"{rec['seconds']:.1f} s" if rec["recovered"] else "no"),
+        (
+            f"{WINDOW_S:g} s windows before the burst (median)",
+            f"{result['windows_before']['rps']:.1f} requests/s",
+        ),
+        ("recovery to 90% of that", f"{rec['seconds']:.1f} s" if rec["recovered"] else "no"),
     ]
     setup = (
         f"One server process (`spartan serve`, {plan['threads']} torch thread, max_queue_rows "
